@@ -11,7 +11,16 @@ a report: metrics.json, a confusion matrix, training curves, a grid of mistakes 
 RESULTS_PLACEHOLDER
 """
 
-import argparse
+import gc
+
+# Start-up time. torch, scipy (under seaborn and scikit-learn) and sympy (under torchvision)
+# create millions of Python objects as they are imported, and none of them is garbage. Python's
+# cyclic garbage collector would scan them again and again while they load, and once more at
+# exit: about 2 of this script's 10 seconds. So we pause it for the imports, then freeze what
+# was imported (the collector ignores frozen objects) and switch it back on.
+gc.disable()
+
+import argparse  # noqa: E402 (the imports come after gc.disable() on purpose)
 import json
 import math
 import os
@@ -29,6 +38,9 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.metrics import classification_report, confusion_matrix
 from torchvision import transforms
+
+gc.freeze()
+gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +222,12 @@ def shuffled_batches(images, labels, batch_size, max_shift, background, generato
     order = torch.randperm(len(images), device=images.device, generator=generator)
     for start in range(0, len(images), batch_size):
         indices = order[start:start + batch_size]
-        batch = images[indices]
+        # index_select copies whole rows; images[indices] would take the general "advanced
+        # indexing" path, which is 4x slower here for the same result.
+        batch = images.index_select(0, indices)
         if max_shift > 0:
             batch = shift_randomly(batch, max_shift, background)
-        yield batch, labels[indices]
+        yield batch, labels.index_select(0, indices)
 
 
 def make_dataloader(data_dir, batch_size, max_shift, mean, std, generator, limit=None):
