@@ -394,9 +394,11 @@ def plot_misclassified(images, labels, predictions, confidences, count=25):
     wrong = wrong[confidences[wrong].argsort(descending=True)][:count]
     columns = 5
     rows = max(1, math.ceil(len(wrong) / columns))
+    height = 1.8 * rows + 0.8  # inches: 1.8 per row of digits, 0.8 for the title on top
     # Fixed spacing instead of tight_layout(), which is slow to fit 25 small plots.
-    figure, grid = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.5),
-                                squeeze=False, gridspec_kw={"hspace": 0.4, "wspace": 0.1})
+    figure, grid = plt.subplots(rows, columns, figsize=(1.6 * columns, height), squeeze=False,
+                                gridspec_kw={"hspace": 0.4, "wspace": 0.1, "bottom": 0.02,
+                                             "top": 1 - 1.0 / height})
     for axes in grid.flat:
         axes.axis("off")
     for axes, index in zip(grid.flat, wrong.tolist()):
