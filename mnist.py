@@ -20,7 +20,7 @@ import gc
 # was imported (the collector ignores frozen objects) and switch it back on.
 gc.disable()
 
-import argparse  # noqa: E402 (the imports come after gc.disable() on purpose)
+import argparse
 import json
 import math
 import os
@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
 import torch
@@ -72,13 +71,6 @@ MNIST_FILES = (
     "t10k-labels-idx1-ubyte",   # their labels
 )
 IMAGE_SIDE = 28
-
-# Pixels are scaled to [0, 1] and then standardized: (pixel - mean) / std, with the mean and
-# standard deviation of all training pixels. On MNIST these are 0.1307 and 0.3081, the two
-# numbers that appear in so many MNIST scripts. Standardized inputs keep the first layer's
-# outputs at a sensible scale, so Adam's early steps are neither tiny nor explosive. We compute
-# them from the training set rather than typing them in, so they are right for any data
-# (the tests use a few hundred synthetic digits), and we never peek at the test set.
 
 
 def check_idx_file(path):
@@ -185,6 +177,12 @@ def load_mnist(data_dir, device):
     train_images, train_labels = load_split(data_dir, train=True)
     test_images, test_labels = load_split(data_dir, train=False)
 
+    # Pixels are scaled to [0, 1] and then standardized, (pixel - mean) / std, with the mean and
+    # standard deviation of all training pixels: 0.1307 and 0.3081 on MNIST, the two numbers in
+    # so many MNIST scripts. Standardized inputs keep the first layer's outputs at a sensible
+    # scale, so early training steps are neither tiny nor explosive. We compute the two numbers
+    # rather than type them in, so they are right for any data (the tests use synthetic digits),
+    # and only from the training set: the test set stays unseen until we evaluate.
     # The trailing underscore in div_ and sub_ means "in place": no second 188 MB copy.
     train_images = train_images.to(device).float().div_(255)  # (60000, 28, 28), pixels in [0, 1]
     test_images = test_images.to(device).float().div_(255)    # (10000, 28, 28)
@@ -265,7 +263,7 @@ class MLP(nn.Module):
             nn.Flatten(),                          # (B, 28, 28) or (B, 1, 28, 28) -> (B, 784)
             nn.Linear(IMAGE_SIDE * IMAGE_SIDE, 128),  # (B, 128): 784 * 128 weights + 128 biases
             nn.ReLU(),
-            nn.Dropout(0.2),                       # in training, zero 20% of activations at random
+            nn.Dropout(0.2),                       # training only: zero 20% of the values at random
             nn.Linear(128, 64),                    # (B, 64)
             nn.ReLU(),
             nn.Dropout(0.2),
@@ -403,21 +401,22 @@ def plot_misclassified(images, labels, predictions, confidences, count=25):
         axes.axis("off")
     for axes, index in zip(grid.flat, wrong.tolist()):
         axes.imshow(images[index].numpy(), cmap="gray_r")  # dark ink on white, like paper
-        axes.set_title(f"{labels[index].item()} \u2192 {predictions[index].item()} "
+        axes.set_title(f"{labels[index].item()} → {predictions[index].item()} "
                        f"({confidences[index].item():.0%})", fontsize=10)
     if len(wrong) == 0:
         grid[0, 0].text(0, 0.5, "no mistakes")
-    figure.suptitle("Test digits the model got wrong:\ntrue \u2192 predicted (confidence)")
+    figure.suptitle("Test digits the model got wrong:\ntrue → predicted (confidence)")
     return figure
 
 
 def write_all_or_nothing(output_dir, writers):
-    """Write several files so that a crash or Ctrl-C never leaves a half-written set.
+    """Write several files so that a crash or Ctrl-C leaves the old set in place, not a mix.
 
     `writers` maps a file name to a function that writes that file to a given path. Each file is
     first written to a hidden temporary file in the same folder; only when all of them exist are
     they renamed over the old ones. os.replace is atomic on one file system: a reader sees the
-    old file or the new one, never half of each. Returns the final paths.
+    old file or the new one, never half of each. (Only a Ctrl-C in the millisecond of the five
+    renames could still mix old and new files.) Returns the final paths.
     """
     temporary = {}
     try:
@@ -439,6 +438,48 @@ def write_json(path, metrics, started):
 
 def save_figure(figure, path):
     figure.savefig(path, format="png", dpi=100)  # the .partial name hides the format: state it
+
+
+def summarize(settings, normalization, history, final_train, test, test_labels):
+    """Everything metrics.json holds, as plain numbers and lists (JSON has no tensors)."""
+    # Give scikit-learn labels=range(10), so that a digit missing from a tiny test set still gets
+    # its row and column, and zero_division=0, so that a digit never predicted scores 0, not NaN.
+    report = classification_report(test_labels, test["predictions"], labels=range(10),
+                                   zero_division=0, output_dict=True)
+    matrix = confusion_matrix(test_labels, test["predictions"], labels=range(10))  # rows: true digit
+    return {
+        "settings": settings,
+        "normalization": {"mean": normalization[0], "std": normalization[1]},
+        "history": history,
+        "train_accuracy": final_train["accuracy"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "per_class": {str(digit): {"precision": report[str(digit)]["precision"],
+                                   "recall": report[str(digit)]["recall"],
+                                   "f1": report[str(digit)]["f1-score"],
+                                   "support": int(report[str(digit)]["support"])}
+                      for digit in range(10)},
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def write_reports(output_dir, metrics, model, test_images, test_labels, test, started, show):
+    """Draw the figures and write all five files into output_dir. Returns their paths."""
+    if not show:
+        plt.switch_backend("Agg")  # draw into files only: nothing blocks, no display needed
+    figures = {
+        "confusion_matrix.png": plot_confusion_matrix(metrics["confusion_matrix"]),
+        "training_curves.png": plot_training_curves(metrics["history"]),
+        "misclassified.png": plot_misclassified(test_images, test_labels, test["predictions"],
+                                                test["confidences"]),
+    }
+    weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    writers = {name: lambda path, figure=figure: save_figure(figure, path)
+               for name, figure in figures.items()}
+    writers["model.pt"] = lambda path: torch.save(weights, path)
+    # metrics.json goes last, so that its "seconds" covers the whole run.
+    writers["metrics.json"] = lambda path: write_json(path, metrics, started)
+    return write_all_or_nothing(output_dir, writers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,42 +623,10 @@ def run(args):
     # The training accuracy in the table above was collected while the weights were still
     # moving, with dropout on and shifted digits. Measure it once more, cleanly, at the end.
     final_train = evaluate(model, train_images, train_labels)
-    true_labels = test_labels.cpu()
-    report = classification_report(true_labels, test["predictions"], labels=range(10), digits=4,
-                                   zero_division=0, output_dict=True)
-    matrix = confusion_matrix(true_labels, test["predictions"], labels=range(10))  # rows: true digit
-    metrics = {
-        "settings": settings,
-        "normalization": {"mean": mean, "std": std},
-        "history": history,
-        "train_accuracy": final_train["accuracy"],
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "per_class": {str(digit): {"precision": report[str(digit)]["precision"],
-                                   "recall": report[str(digit)]["recall"],
-                                   "f1": report[str(digit)]["f1-score"],
-                                   "support": int(report[str(digit)]["support"])}
-                      for digit in range(10)},
-        "confusion_matrix": matrix.tolist(),
-    }
-
-    if not args.show:
-        plt.switch_backend("Agg")  # draw into files only: nothing blocks, no display needed
-    figures = {
-        "confusion_matrix.png": plot_confusion_matrix(matrix),
-        "training_curves.png": plot_training_curves(history),
-        "misclassified.png": plot_misclassified(test_images.cpu(), true_labels, test["predictions"],
-                                                test["confidences"]),
-    }
-    weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-    writers = {name: lambda path, figure=figure: save_figure(figure, path)
-               for name, figure in figures.items()}
-    writers["model.pt"] = lambda path: torch.save(weights, path)
-    # metrics.json goes last, so that its "seconds" covers the whole run.
-    writers["metrics.json"] = lambda path: write_json(path, metrics, started)
-    paths = write_all_or_nothing(args.output_dir, writers)
-
-    print("\n" + classification_report(true_labels, test["predictions"], labels=range(10),
+    metrics = summarize(settings, (mean, std), history, final_train, test, test_labels.cpu())
+    paths = write_reports(args.output_dir, metrics, model, test_images.cpu(), test_labels.cpu(),
+                          test, started, args.show)
+    print("\n" + classification_report(test_labels.cpu(), test["predictions"], labels=range(10),
                                        digits=4, zero_division=0))
     print(f"train accuracy {final_train['accuracy']:.2%} (eval mode), test accuracy "
           f"{test['accuracy']:.2%}, {metrics['seconds']:.1f} s in all")
