@@ -121,18 +121,19 @@ def explain_download_failure(raw_folder, error):
         else:
             missing.append(name)
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    advice = []
-    if missing:
-        advice.append(f"missing: {', '.join(missing)}")
+    problems = []
+    if missing and len(missing) < len(MNIST_FILES):
+        problems.append(f"missing: {', '.join(missing)}")
     if damaged:
-        advice.append(f"damaged (wrong MD5 sum; delete and fetch again): {', '.join(damaged)}")
+        problems.append(f"damaged, with the wrong MD5 sum: {', '.join(damaged)}")
     if renames:
-        advice.append(f"rename {', '.join(renames)}")
+        problems.append(f"rename {', '.join(renames)}")
     if "CERTIFICATE_VERIFY_FAILED" in reason:
-        advice.append("on macOS with python.org's Python, run 'Install Certificates.command' once")
-    return (f"could not download MNIST ({reason}). {raw_folder} must hold "
-            f"{', '.join(MNIST_FILES)}, each packed (.gz) or unpacked; {'; '.join(advice)}. "
-            "Put them there, or point --data-dir at the folder that holds MNIST/raw/.")
+        problems.append("on macOS with python.org's Python, run 'Install Certificates.command' once")
+    details = f" ({'; '.join(problems)})" if problems else ""
+    return (f"could not download MNIST ({reason}). Put the four files {', '.join(MNIST_FILES)}, "
+            f"packed (.gz) or unpacked, into {raw_folder}{details}, or point --data-dir at the "
+            "folder that holds MNIST/raw/.")
 
 
 def load_split(data_dir, train):
@@ -507,7 +508,8 @@ def positive_float(text):
 
 
 def parse_args(argv):
-    parser = Parser(prog="mnist.py", description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: a typo such as --epoch is an error, not a silent abbreviation.
+    parser = Parser(prog="mnist.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     recipe = parser.add_argument_group("training recipe (the original: --lr 1e-3 "
                                        "--lr-schedule constant --max-shift 0 --batch-size 64)")

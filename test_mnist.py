@@ -325,7 +325,7 @@ def test_only_some_files_present_names_the_missing_ones(tmp_path, offline, capsy
     write_mnist(tmp_path / "data", names=mnist.MNIST_FILES[:2])
     code, message = fail(args_for(tmp_path / "data", tmp_path / "out"), capsys)
     assert code == 1
-    assert "missing: t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte." in message
+    assert "missing: t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)" in message
 
 
 def test_files_with_dotted_names_get_exact_rename_advice(tmp_path, offline, capsys):
@@ -341,10 +341,10 @@ def test_a_gz_that_fails_its_checksum_is_called_damaged(tmp_path, offline, capsy
     # A real gzip of the wrong bytes, then one that is not gzip at all: both fail MD5.
     (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not MNIST"))
     code, message = fail(args_for(tmp_path / "data", tmp_path / "out"), capsys)
-    assert code == 1 and "damaged (wrong MD5 sum" in message and "train-images-idx3-ubyte.gz" in message
+    assert code == 1 and "damaged, with the wrong MD5 sum: train-images-idx3-ubyte.gz" in message
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
     code, message = fail(args_for(tmp_path / "data", tmp_path / "out"), capsys)
-    assert code == 1 and "damaged (wrong MD5 sum" in message
+    assert code == 1 and "damaged, with the wrong MD5 sum" in message
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -390,6 +390,7 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     ("--lr", "inf", "positive finite number"),
     ("--lr", "fast", "invalid positive_float value"),
     ("--device", "tpu", "invalid choice: 'tpu'"),
+    ("--epoch", "3", "unrecognized arguments"),  # a typo, not an abbreviation of --epochs
 ])
 def test_bad_flags_get_one_line_and_exit_code_2(tmp_path, capsys, flag, value, words):
     code, message = fail(args_for(tmp_path, tmp_path / "out", flag, value), capsys)
