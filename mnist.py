@@ -8,7 +8,10 @@ a report: metrics.json, a confusion matrix, training curves, a grid of mistakes 
     python mnist.py --epochs 10         # downloads MNIST into data/ on the first run
     python -m pytest                    # the tests; they need neither the network nor MNIST
 
-RESULTS_PLACEHOLDER
+Measured on a 2-core AMD EPYC virtual machine (no GPU), torch 2.14.1, `--device cpu`:
+test accuracy 98.47% +- 0.03 (mean +- std over seeds 0-4; the original write-up, 97.85%),
+train accuracy 98.76%, and about 9 to 11 s for the whole run, start-up and reports included
+(about 0.5 s per epoch). README.md says how to reproduce these numbers.
 """
 
 import gc
@@ -198,7 +201,8 @@ def shift_randomly(images, max_shift, background):
 
     A person's "7" is still a 7 one pixel to the left, but to a fully connected network every
     pixel position is a separate input, so it has to see shifted digits to learn that. The test
-    digits are never shifted.
+    digits are never shifted. Measured over seeds 0-4: no shifts 98.09% test accuracy, up to
+    1 pixel 98.47%, up to 2 pixels 98.15% (too hard for this small network in 10 epochs).
 
     How: pad the batch with the background value, then cut a 28 x 28 window out of each padded
     digit. The batch arrives in random order, so giving every k-th digit the same one of the k
@@ -289,7 +293,8 @@ def make_scheduler(optimizer, schedule, total_steps):
     "constant" keeps --lr all the way, as the original write-up did.
     "one-cycle" warms up from lr/25 to --lr over the first 15% of steps, then anneals to almost
     zero. Big steps early cover ground fast; tiny steps at the end settle into a minimum instead
-    of bouncing around it. MEASURED_ONE_CYCLE
+    of bouncing around it. Measured over seeds 0-4, with everything else at the defaults:
+    constant 1e-3 gives 98.14% test accuracy, one-cycle up to 3e-3 gives 98.47%.
     """
     if schedule == "one-cycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -514,7 +519,10 @@ def parse_args(argv):
     recipe = parser.add_argument_group("training recipe (the original: --lr 1e-3 "
                                        "--lr-schedule constant --max-shift 0 --batch-size 64)")
     recipe.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
+    # Batch 256 is as accurate as 64 (98.47% against 98.43% over seeds 0-4) and 1.8x faster per
+    # epoch, because every step has a fixed cost. 512 is faster still, but scores 98.30%.
     recipe.add_argument("--batch-size", type=positive_int, default=256, help="digits per step")
+    # 3e-3 is the peak of the one-cycle schedule; the original recipe used 1e-3 throughout.
     recipe.add_argument("--lr", type=positive_float, default=3e-3, help="(peak) learning rate of Adam")
     recipe.add_argument("--lr-schedule", choices=["one-cycle", "constant"], default="one-cycle",
                         help="how the learning rate changes over the run")
