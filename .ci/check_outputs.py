@@ -58,7 +58,8 @@ accuracy = (predictions == labels).sum().item() / len(labels)
 matrix = torch.zeros(10, 10, dtype=torch.long)
 matrix.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
 if accuracy != metrics["test_accuracy"]:
-    sys.exit(f"FAIL: reloaded model scores {accuracy}, metrics.json says {metrics['test_accuracy']}")
+    sys.exit(f"FAIL: reloaded model scores {accuracy}; metrics.json says "
+             f"{metrics['test_accuracy']}")
 if matrix.tolist() != metrics["confusion_matrix"]:
     sys.exit("FAIL: reloaded model's confusion matrix differs from metrics.json")
 print(f"OK: all reports written; test accuracy {accuracy:.4f} (gate {GATE}); model.pt reproduces "
