@@ -173,7 +173,7 @@ def load_mnist(data_dir, device):
     every epoch, into a PIL image, then into a tensor, then normalizes it, one digit at a time in
     Python, and copies each batch to the device. All of MNIST is only 70,000 x 784 bytes, so we
     do that work once here and keep the result on the device. A batch is then just a slice of a
-    random permutation: no per-image Python, no worker processes, no copies. Run
+    random permutation: no per-image Python, no worker processes, no host-to-device copies. Run
     `--loader dataloader` to see the difference for yourself.
     """
     if Path(data_dir).exists() and not Path(data_dir).is_dir():

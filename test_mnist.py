@@ -11,6 +11,7 @@ import shutil
 import struct
 import urllib.error
 import urllib.request
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -183,15 +184,9 @@ def test_train_one_epoch_syncs_with_the_device_once_per_epoch_not_per_batch(monk
     calls = []
     original_item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or original_item(self))
-
-    class DoNothing:  # stands in for the optimizer and scheduler, whose internals are torch's
-        def zero_grad(self):
-            pass
-
-        def step(self):
-            pass
     batches = [(torch.randn(8, 28, 28), torch.randint(0, 10, (8,)))] * 10
-    mnist.train_one_epoch(mnist.MLP(), batches, DoNothing(), DoNothing())
+    # Mocks stand in for the optimizer and scheduler: what torch does inside them is not ours.
+    mnist.train_one_epoch(mnist.MLP(), batches, Mock(), Mock())
     assert len(calls) == 2  # the loss and the accuracy, once each, after the last batch
 
 
