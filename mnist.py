@@ -143,7 +143,8 @@ def explain_download_failure(raw_folder, error):
 def load_split(data_dir, train):
     """Read one split through torchvision: (images, labels), (N, 28, 28) uint8 and (N,) int64."""
     raw_folder = Path(data_dir).resolve() / "MNIST" / "raw"
-    for name in MNIST_FILES:
+    prefix = "train" if train else "t10k"
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
         if (raw_folder / name).is_file():
             check_idx_file(raw_folder / name)
     try:
@@ -153,7 +154,6 @@ def load_split(data_dir, train):
     except (RuntimeError, OSError) as error:  # no network, HTTP 403/503, SSL, disk full...
         raise UserError(explain_download_failure(raw_folder, error), exit_code=1) from None
     images, labels = dataset.data, dataset.targets
-    prefix = "train" if train else "t10k"
     if len(images) != len(labels):
         raise UserError(f"{raw_folder}/{prefix}-images-idx3-ubyte holds {len(images):,} images but "
                         f"{prefix}-labels-idx1-ubyte holds {len(labels):,} labels; they must come "
