@@ -301,6 +301,8 @@ def make_scheduler(optimizer, schedule, total_steps):
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
             pct_start=0.15)
+    # A scheduler that multiplies the rate by 1 at every step, so the training loop can call
+    # scheduler.step() the same way whichever schedule was chosen.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -593,7 +595,7 @@ def run(args):
                    for key, value in vars(args).items()},
                 "device_used": str(device), "torch_version": torch.__version__}
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
-    print(f"device: {device} (--device {args.device}), torch {torch.__version__}")
+    print(f"device: {device} (chosen by --device {args.device})")
 
     train_images, train_labels, test_images, test_labels, mean, std = load_mnist(args.data_dir,
                                                                                  device)
@@ -618,13 +620,14 @@ def run(args):
         loader = make_dataloader(args.data_dir, args.batch_size, args.max_shift, mean, std,
                                  torch.Generator().manual_seed(args.seed), limit=len(train_images))
 
+    background = -mean / std  # a black pixel (0) after normalization: what shifts pad with
     history = []
     print(f"\n{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} "
           f"{'seconds':>7}")
     for epoch in range(1, epochs + 1):
         epoch_started = time.perf_counter()
         batches = loader if args.loader == "dataloader" else shuffled_batches(
-            train_images, train_labels, args.batch_size, args.max_shift, -mean / std, generator)
+            train_images, train_labels, args.batch_size, args.max_shift, background, generator)
         train_loss, train_accuracy = train_one_epoch(model, batches, optimizer, scheduler)
         if not train_loss < DIVERGED_LOSS:  # also true for NaN, which fails every comparison
             raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch}, against "
@@ -642,10 +645,11 @@ def run(args):
     # The training accuracy in the table above was collected while the weights were still
     # moving, with dropout on and shifted digits. Measure it once more, cleanly, at the end.
     final_train = evaluate(model, train_images, train_labels)
-    metrics = summarize(settings, (mean, std), history, final_train, test, test_labels.cpu())
-    paths = write_reports(args.output_dir, metrics, model, test_images.cpu(), test_labels.cpu(),
-                          test, started, args.show)
-    print("\n" + classification_report(test_labels.cpu(), test["predictions"], labels=range(10),
+    test_labels = test_labels.cpu()  # scikit-learn and matplotlib work on the CPU
+    metrics = summarize(settings, (mean, std), history, final_train, test, test_labels)
+    paths = write_reports(args.output_dir, metrics, model, test_images.cpu(), test_labels, test,
+                          started, args.show)
+    print("\n" + classification_report(test_labels, test["predictions"], labels=range(10),
                                        digits=4, zero_division=0))
     print(f"train accuracy {final_train['accuracy']:.2%} (eval mode), test accuracy "
           f"{test['accuracy']:.2%}, {metrics['seconds']:.1f} s in all")
