@@ -5,27 +5,38 @@ synthetic digits as genuine IDX files under the four real file names, so torchvi
 loading code runs on them exactly as it does on MNIST.
 """
 
+import contextlib
 import gzip
+import io
 import json
+import math
+import re
 import shutil
 import struct
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from unittest.mock import Mock
 
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+import matplotlib
 
-import mnist
+matplotlib.use("Agg")  # no windows, whatever machine runs the tests
 
-TRAIN_SIZE, TEST_SIZE = 300, 100
-OUTPUT_FILES = ("metrics.json", "confusion_matrix.png", "training_curves.png", "misclassified.png",
-                "model.pt")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+import mnist  # noqa: E402
+
+TRAIN_SIZE, TEST_SIZE, VALIDATION_SIZE = 300, 100, 50
+REPORTS = ("metrics.json", "digits.png", "confusion_matrix.png", "training_curves.png",
+           "misclassified.png", "first_layer.png", "model.pt")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -46,11 +57,11 @@ def synthetic_digits(count, seed):
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
-def write_mnist(data_dir, names=mnist.MNIST_FILES):
+def write_mnist(data_dir, names=mnist.MNIST_FILES, train_size=TRAIN_SIZE):
     """Write synthetic train and test splits as <data_dir>/MNIST/raw/<name>; return that folder."""
     raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels = synthetic_digits(TRAIN_SIZE, seed=1)
+    train_images, train_labels = synthetic_digits(train_size, seed=1)
     test_images, test_labels = synthetic_digits(TEST_SIZE, seed=2)
     arrays = dict(zip(mnist.MNIST_FILES, (train_images, train_labels, test_images, test_labels)))
     for name in names:
@@ -84,43 +95,84 @@ def fail(argv, capsys):
 
 def args_for(data_dir, output_dir, *extra):
     return ["--data-dir", str(data_dir), "--output-dir", str(output_dir), "--epochs", "2",
-            "--batch-size", "64", "--device", "cpu", *extra]
+            "--batch-size", "64", "--device", "cpu", "--validation-size", str(VALIDATION_SIZE),
+            *extra]
 
 
 def snapshot(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-# --- model and data --------------------------------------------------------------------------
+def ink_centre_and_box(digit):
+    """(row, column) centre of mass of a 28 x 28 digit, and the longer side of its ink box."""
+    digit = digit.numpy()
+    rows, columns = np.nonzero(digit > 0.05)
+    centre = [(digit.sum(axis=axis) * np.arange(28)).sum() / digit.sum() for axis in (1, 0)]
+    return centre, max(np.ptp(rows) + 1, np.ptp(columns) + 1)
+
+
+def draw_seven(size=(300, 220), at=(40, 30), ink=(20, 20, 30, 255), paper=(235, 230, 220, 255)):
+    """A thick "7" drawn off-centre on a large canvas, as a photo or a paint program gives it."""
+    image = Image.new("RGBA", size, paper)
+    x, y = at
+    ImageDraw.Draw(image).line([(x, y), (x + 90, y), (x + 35, y + 150)], fill=ink, width=14)
+    return image
+
+
+# --- data ------------------------------------------------------------------------------------
 
 def test_model_maps_images_to_ten_logits_with_109386_parameters():
     model = mnist.MLP()
-    assert mnist.count_parameters(model) == 109_386
+    assert sum(weights.numel() for weights in model.parameters()) == 109_386
     assert model(torch.zeros(5, 28, 28)).shape == (5, 10)
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)  # the DataLoader's layout
 
 
-def test_load_mnist_gives_normalized_tensors_of_the_right_shapes(data_dir):
-    train_images, train_labels, test_images, test_labels, mean, std = mnist.load_mnist(
-        data_dir, torch.device("cpu"))
-    assert train_images.shape == (TRAIN_SIZE, 28, 28) and train_images.dtype == torch.float32
-    assert test_images.shape == (TEST_SIZE, 28, 28) and test_images.dtype == torch.float32
-    assert train_labels.shape == (TRAIN_SIZE,) and train_labels.dtype == torch.int64
-    assert test_labels.shape == (TEST_SIZE,) and test_labels.dtype == torch.int64
-    assert abs(train_images.mean().item()) < 1e-4 and abs(train_images.std().item() - 1) < 1e-4
-    # The test set is scaled with the *training* statistics, not its own.
-    raw_test, labels = synthetic_digits(TEST_SIZE, seed=2)
-    expected = (torch.from_numpy(raw_test).float() / 255 - mean) / std
-    assert torch.allclose(test_images, expected, atol=1e-5)
-    assert test_labels.tolist() == labels.tolist()
+def test_validation_split_is_disjoint_the_requested_size_and_the_same_for_every_seed():
+    torch.manual_seed(1)
+    train, validation = mnist.split_indices(1000, 150)
+    assert len(validation) == 150 and len(train) == 850
+    assert sorted(train.tolist() + validation.tolist()) == list(range(1000))
+    torch.manual_seed(2)  # --seed sets the global generator; the split must not follow it
+    assert torch.equal(mnist.split_indices(1000, 150)[1], validation)
+    assert mnist.split_indices(1000, 0)[1].numel() == 0
 
 
-def test_dataloader_pipeline_sees_the_same_digits_as_the_tensors(data_dir):
-    train_images, train_labels, _, _, mean, std = mnist.load_mnist(data_dir, torch.device("cpu"))
-    loader = mnist.make_dataloader(data_dir, 32, 0, mean, std, torch.Generator().manual_seed(0))
-    image, label = loader.dataset[7]
-    assert image.shape == (1, 28, 28)
-    assert torch.allclose(image[0], train_images[7], atol=1e-5) and label == train_labels[7]
+def test_load_mnist_splits_and_normalizes_with_the_training_part_only(tmp_path):
+    """The held-out digits are made bright, so statistics that included them would show it."""
+    raw = write_mnist(tmp_path / "data")
+    images, labels = synthetic_digits(TRAIN_SIZE, seed=1)
+    train, held_out = mnist.split_indices(TRAIN_SIZE, VALIDATION_SIZE)
+    images[held_out.numpy()] = 255
+    write_idx(raw / "train-images-idx3-ubyte", images)
+    splits, (mean, std) = mnist.load_mnist(tmp_path / "data", VALIDATION_SIZE, torch.device("cpu"))
+    pixels = torch.from_numpy(images).float() / 255
+    assert mean == pytest.approx(pixels[train].mean().item(), abs=1e-6)
+    assert std == pytest.approx(pixels[train].std().item(), abs=1e-6)
+    assert abs(mean - pixels.mean().item()) > 0.05  # the whole set's mean would differ clearly
+    for name, indices in (("train", train), ("validation", held_out)):
+        split_images, split_labels = splits[name]
+        assert split_images.shape == (len(indices), 28, 28) and split_images.dtype == torch.float32
+        assert torch.allclose(split_images, (pixels[indices] - mean) / std, atol=1e-5)
+        assert split_labels.tolist() == labels[indices.numpy()].tolist()
+    test_images, test_labels = synthetic_digits(TEST_SIZE, seed=2)
+    assert torch.allclose(splits["test"][0], (torch.from_numpy(test_images) / 255 - mean) / std,
+                          atol=1e-5)
+    assert splits["test"][1].dtype == torch.int64 and splits["test"][1].tolist() == \
+        test_labels.tolist()
+    no_validation, _ = mnist.load_mnist(tmp_path / "data", 0, torch.device("cpu"))
+    assert set(no_validation) == {"train", "test"} and len(no_validation["train"][0]) == TRAIN_SIZE
+
+
+def test_dataloader_pipeline_sees_the_same_training_digits_as_the_tensors(data_dir):
+    splits, normalization = mnist.load_mnist(data_dir, VALIDATION_SIZE, torch.device("cpu"))
+    args = mnist.parse_args(args_for(data_dir, data_dir, "--max-shift", "0"))
+    loader = mnist.make_dataloader(args, TRAIN_SIZE, normalization)
+    assert len(loader.dataset) == TRAIN_SIZE - VALIDATION_SIZE
+    for index in (0, 7, 200):
+        image, label = loader.dataset[index]
+        assert image.shape == (1, 28, 28) and label == splits["train"][1][index]
+        assert torch.allclose(image[0], splits["train"][0][index], atol=1e-5)
 
 
 def test_shift_randomly_moves_each_digit_by_at_most_max_shift():
@@ -131,8 +183,7 @@ def test_shift_randomly_moves_each_digit_by_at_most_max_shift():
     rows, columns = where // 28, where % 28
     assert shifted.sum(dim=(1, 2)).eq(1).all()  # nothing lost or invented
     assert set(rows.tolist()) == {13, 14, 15} and set(columns.tolist()) == {13, 14, 15}
-    pairs = set(zip(rows.tolist(), columns.tolist()))
-    assert len(pairs) == 9  # every one of the nine windows is used
+    assert len(set(zip(rows.tolist(), columns.tolist()))) == 9  # all nine windows are used
 
 
 def test_shuffled_batches_cover_every_digit_once_in_a_new_order_each_epoch():
@@ -150,6 +201,13 @@ def test_shuffled_batches_cover_every_digit_once_in_a_new_order_each_epoch():
 
 
 # --- training and evaluation -----------------------------------------------------------------
+
+def test_loss_before_training_is_near_ln_10():
+    torch.manual_seed(0)
+    loss = mnist.loss_before_training(mnist.MLP(), torch.randn(500, 28, 28),
+                                      torch.randint(0, 10, (500,)))
+    assert abs(loss - math.log(10)) < 0.1
+
 
 def test_one_batch_overfits_to_100_percent():
     """A working model, loss and optimizer can memorize 64 random digits with random labels."""
@@ -190,12 +248,13 @@ def test_train_one_epoch_syncs_with_the_device_once_per_epoch_not_per_batch(monk
     assert len(calls) == 2  # the loss and the accuracy, once each, after the last batch
 
 
-def test_one_cycle_schedule_warms_up_then_anneals():
+def test_one_cycle_schedule_warms_up_then_anneals_and_leaves_adams_beta1_alone():
     optimizer = torch.optim.Adam(mnist.MLP().parameters(), lr=3e-3)
     scheduler = mnist.make_scheduler(optimizer, "one-cycle", 100)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[0]["betas"][0] == 0.9
         optimizer.step()
         scheduler.step()
     peak = rates.index(max(rates))
@@ -210,34 +269,51 @@ def finished_run(tmp_path_factory):
     """Run the script once on synthetic data; several tests read what it wrote."""
     folder = tmp_path_factory.mktemp("run")
     write_mnist(folder / "data")
-    metrics = mnist.main(args_for(folder / "data", folder / "outputs", "--batch-size", "64"))
-    return folder, metrics
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        metrics = mnist.main(args_for(folder / "data", folder / "outputs"))
+    return folder, metrics, output.getvalue()
 
 
 def test_metrics_json_has_every_field(finished_run):
-    folder, _ = finished_run
+    folder, _, _ = finished_run
     metrics = json.loads((folder / "outputs" / "metrics.json").read_text())
-    for key in ("settings", "history", "train_accuracy", "test_accuracy", "test_loss", "per_class",
-                "confusion_matrix", "seconds"):
-        assert key in metrics
-    flags = ("epochs", "batch_size", "lr", "lr_schedule", "max_shift", "seed", "device", "loader",
-             "data_dir", "output_dir", "dry_run", "show")
-    for key in flags + ("device_used", "torch_version"):
+    assert {"settings", "normalization", "history", "train_accuracy", "val_accuracy", "val_loss",
+            "test_accuracy", "test_loss", "per_class", "confusion_matrix", "seconds"} == \
+        set(metrics)
+    for key in ("epochs", "batch_size", "lr", "lr_schedule", "max_shift", "seed", "device",
+                "loader", "data_dir", "output_dir", "dry_run", "show", "validation_size",
+                "device_used", "torch_version"):
         assert key in metrics["settings"]
+    assert metrics["settings"]["validation_size"] == VALIDATION_SIZE
     assert metrics["settings"]["torch_version"] == torch.__version__
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     for row in metrics["history"]:
-        assert set(row) == {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+        assert set(row) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                             "seconds"}
-        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
-    assert 0 <= metrics["train_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
+    assert metrics["history"][-1]["val_accuracy"] == metrics["val_accuracy"]
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert 0 <= metrics[key] <= 1
     assert sorted(metrics["per_class"]) == [str(digit) for digit in range(10)]
     for scores in metrics["per_class"].values():
         assert set(scores) == {"precision", "recall", "f1", "support"}
 
 
+def test_the_run_prints_its_data_the_loss_before_training_and_a_row_per_epoch(finished_run):
+    _, metrics, output = finished_run
+    assert "train: images (250, 28, 28) torch.float32, labels (250,) torch.int64" in output
+    assert "validation: images (50, 28, 28)" in output and "test: images (100, 28, 28)" in output
+    assert re.search(r"pixels: 0-255 .* now -\d\.\d\d to \d\.\d\d", output)
+    loss = float(re.search(r"^loss before training: (\d\.\d+)", output, re.MULTILINE).group(1))
+    assert abs(loss - math.log(10)) < 0.15
+    rows = re.findall(r"^epoch +(\d+) +train loss (\S+) accuracy +(\S+)% +validation loss (\S+) "
+                      r"accuracy +(\S+)% +\S+ s$", output, re.MULTILINE)
+    assert [int(row[0]) for row in rows] == [1, 2]
+    assert float(rows[-1][4]) == pytest.approx(100 * metrics["val_accuracy"], abs=0.006)
+
+
 def test_confusion_matrix_agrees_with_the_test_accuracy(finished_run):
-    folder, _ = finished_run
+    folder, _, _ = finished_run
     metrics = json.loads((folder / "outputs" / "metrics.json").read_text())
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.shape == (10, 10) and matrix.dtype.kind == "i"
@@ -246,19 +322,16 @@ def test_confusion_matrix_agrees_with_the_test_accuracy(finished_run):
 
 
 def test_saved_model_reproduces_the_reported_metrics(finished_run):
-    """Reload model.pt as the README shows and check every reported number against sklearn."""
-    folder, _ = finished_run
+    """Reload model.pt as --predict does and check every reported number against sklearn."""
+    folder, _, _ = finished_run
     metrics = json.loads((folder / "outputs" / "metrics.json").read_text())
-    model = mnist.MLP()
-    model.load_state_dict(torch.load(folder / "outputs" / "model.pt", weights_only=True))
-    model.eval()
+    model, (mean, std) = mnist.load_trained_model(folder / "outputs")
     raw_images, labels = synthetic_digits(TEST_SIZE, seed=2)
-    mean, std = metrics["normalization"]["mean"], metrics["normalization"]["std"]
-    with torch.no_grad():
-        predictions = model((torch.from_numpy(raw_images).float() / 255 - mean) / std).argmax(dim=1)
+    predictions, confidences = mnist.predict(model, torch.from_numpy(raw_images) / 255, mean, std)
     assert (predictions.numpy() == labels).mean() == metrics["test_accuracy"]
-    matrix = confusion_matrix(labels, predictions, labels=range(10))
-    assert matrix.tolist() == metrics["confusion_matrix"]
+    assert ((0.1 <= confidences) & (confidences <= 1)).all()
+    assert confusion_matrix(labels, predictions, labels=range(10)).tolist() == \
+        metrics["confusion_matrix"]
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=range(10), zero_division=0)
     for digit in range(10):
@@ -270,16 +343,17 @@ def test_saved_model_reproduces_the_reported_metrics(finished_run):
 
 
 def test_every_figure_is_a_real_png(finished_run):
-    folder, _ = finished_run
-    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png"):
-        with Image.open(folder / "outputs" / name) as image:
-            assert image.format == "PNG" and image.width > 300 and image.height > 200
-            image.verify()
-    assert sorted(path.name for path in (folder / "outputs").iterdir()) == sorted(OUTPUT_FILES)
+    folder, _, _ = finished_run
+    assert sorted(path.name for path in (folder / "outputs").iterdir()) == sorted(REPORTS)
+    for name in REPORTS:
+        if name.endswith(".png"):
+            with Image.open(folder / "outputs" / name) as image:
+                assert image.format == "PNG" and image.width > 300 and image.height > 200
+                image.verify()
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(finished_run):
-    folder, first = finished_run
+    folder, first, _ = finished_run
 
     def comparable(metrics):
         metrics = json.loads(json.dumps(metrics))  # a deep copy
@@ -288,13 +362,39 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(finished_ru
             del row["seconds"]
         return metrics
 
-    again = mnist.main(args_for(folder / "data", folder / "again", "--batch-size", "64"))
-    other = mnist.main(args_for(folder / "data", folder / "other", "--batch-size", "64",
-                                "--seed", "1"))
+    again = mnist.main(args_for(folder / "data", folder / "again"))
+    other = mnist.main(args_for(folder / "data", folder / "other", "--seed", "1"))
     assert comparable(again) == comparable(first)
     assert comparable(other)["history"] != comparable(first)["history"]
-    saved = json.loads((folder / "again" / "metrics.json").read_text())
-    assert saved["test_loss"] == first["test_loss"]
+    assert json.loads((folder / "again" / "metrics.json").read_text())["test_loss"] == \
+        first["test_loss"]
+
+
+def test_the_test_set_is_scored_once_per_run(data_dir, tmp_path, monkeypatch):
+    sizes = []
+    original_evaluate = mnist.evaluate
+
+    def counting_evaluate(model, images, labels, **kwargs):
+        sizes.append(len(labels))
+        return original_evaluate(model, images, labels, **kwargs)
+    monkeypatch.setattr(mnist, "evaluate", counting_evaluate)
+    mnist.main(args_for(data_dir, tmp_path / "out", "--epochs", "3"))
+    # Once per epoch on the validation digits, then once each on train, validation and test.
+    assert sizes.count(TEST_SIZE) == 1 and sizes.count(VALIDATION_SIZE) == 3 + 1
+    assert sizes[-3:] == [TRAIN_SIZE - VALIDATION_SIZE, VALIDATION_SIZE, TEST_SIZE]
+
+
+def test_validation_size_0_trains_on_everything_and_reports_no_validation(data_dir, tmp_path,
+                                                                         capsys):
+    metrics = mnist.main(args_for(data_dir, tmp_path / "out", "--validation-size", "0"))
+    output = capsys.readouterr().out
+    assert "validation:" not in output and "validation loss" not in output
+    assert not any(key.startswith("val_") for key in metrics)
+    assert all(set(row) == {"epoch", "train_loss", "train_accuracy", "seconds"}
+               for row in metrics["history"])
+    assert f"train: images ({TRAIN_SIZE}, 28, 28)" in output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)
 
 
 def test_dry_run_with_the_classic_dataloader_and_a_batch_larger_than_the_data(data_dir, tmp_path):
@@ -302,7 +402,153 @@ def test_dry_run_with_the_classic_dataloader_and_a_batch_larger_than_the_data(da
                                   "--batch-size", "100000"))
     assert len(metrics["history"]) == 1
     assert sum(map(sum, metrics["confusion_matrix"])) == TEST_SIZE
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)
+
+
+# --- a notebook runs the file cell by cell ---------------------------------------------------
+
+def test_the_cells_run_in_order_in_a_notebook_kernel_and_train_with_the_defaults(tmp_path,
+                                                                                 monkeypatch):
+    """As Jupyter would: each "# %%" cell in turn, in one fresh namespace, with the kernel's
+    own flags in sys.argv. The defaults hold 5,000 digits out, so the data is a little larger."""
+    write_mnist(tmp_path / "data", train_size=5_300)
+    monkeypatch.chdir(tmp_path)  # the defaults: data/ and outputs/ in the current folder
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/dist-packages/ipykernel_launcher.py",
+                                      "-f", "/root/.local/share/jupyter/runtime/kernel-1.json"])
+    source = Path(mnist.__file__).read_text()
+    cells = re.split(r"^(?=# %%)", source, flags=re.MULTILINE)
+    assert len(cells) >= 20 and cells[-1].strip().endswith("main()")
+    namespace = {"__name__": "__main__"}
+    for cell in cells:
+        exec(compile(cell, "mnist.py", "exec"), namespace)
+    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert metrics["settings"]["epochs"] == 10 and metrics["settings"]["validation_size"] == 5000
+    assert len(metrics["history"]) == 10
+    assert sorted(path.name for path in (tmp_path / "outputs").iterdir()) == sorted(REPORTS)
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["ipykernel_launcher.py", "-f", "/tmp/kernel-9.json"], []),  # Jupyter
+    (["/x/ipykernel_launcher.py", "--f=/tmp/kernel-v2.json"], []),  # VS Code
+    (["/usr/local/lib/python3/colab_kernel_launcher.py", "-f", "/tmp/k.json"], []),  # Colab
+    (["mnist.py", "--epochs", "3"], ["--epochs", "3"]),  # a shell, or %run mnist.py --epochs 3
+])
+def test_command_line_flags_ignore_a_notebook_kernels_own(monkeypatch, argv, flags):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert mnist.command_line_flags() == flags
+
+
+# --- your own handwriting --------------------------------------------------------------------
+
+def test_prepare_digit_scales_the_ink_to_20_pixels_and_centres_its_mass():
+    digit = mnist.prepare_digit(draw_seven())
+    assert digit.shape == (28, 28) and digit.dtype == torch.float32
+    assert digit.min() >= 0 and digit.max() == pytest.approx(1, abs=0.05)
+    (row, column), side = ink_centre_and_box(digit)
+    assert abs(side - 20) <= 1
+    assert abs(row - 13.5) <= 1 and abs(column - 13.5) <= 1
+    assert digit[0].max() == 0 and digit[:, -1].max() == 0  # background is 0, as in MNIST
+
+
+def test_prepare_digit_reads_ink_the_same_whatever_the_colours_or_transparency():
+    on_paper = mnist.prepare_digit(draw_seven())
+    white_on_black = mnist.prepare_digit(draw_seven(ink=(255,) * 4, paper=(0, 0, 0, 255)).convert(
+        "L"))
+    on_transparent = mnist.prepare_digit(draw_seven(paper=(255, 255, 255, 0)))
+    for other in (white_on_black, on_transparent):
+        assert (other - on_paper).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("colour", [255, 0, 128])
+def test_prepare_digit_refuses_an_image_with_no_ink(colour):
+    with pytest.raises(mnist.UserError, match="blank.png has no ink to read"):
+        mnist.prepare_digit(Image.new("L", (50, 60), colour), name="blank.png")
+
+
+@pytest.fixture
+def trained(finished_run, tmp_path):
+    """A copy of a finished run's outputs, and a folder of two images of digits."""
+    folder, _, _ = finished_run
+    shutil.copytree(folder / "outputs", tmp_path / "outputs")
+    (tmp_path / "digits").mkdir()
+    draw_seven().save(tmp_path / "digits" / "b-seven.png")
+    draw_seven().convert("RGB").save(tmp_path / "digits" / "a-seven.jpg")
+    (tmp_path / "digits" / "notes.txt").write_text("not an image, and not an image file name")
+    return tmp_path / "outputs", tmp_path / "digits"
+
+
+def test_predict_prints_one_line_per_image_and_draws_them(trained, tmp_path, capsys):
+    output_dir, folder = trained
+    single = tmp_path / "single.png"
+    draw_seven(ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)).save(single)
+    predicted, confidences = mnist.main(["--predict", str(single), str(folder), "--output-dir",
+                                         str(output_dir)])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    paths = [single, folder / "a-seven.jpg", folder / "b-seven.png"]  # a folder: sorted images
+    assert len(lines) == 3 and len(predicted) == 3
+    for line, path, digit, confidence in zip(lines, paths, predicted, confidences):
+        assert line == f"{path}: {digit} ({confidence:.1%})"
+        assert re.fullmatch(r".+: \d \(\d{1,3}\.\d%\)", line)
+    assert "predictions.png" in captured.err
+    with Image.open(output_dir / "predictions.png") as image:
+        assert image.format == "PNG" and image.width > 300
+        image.verify()
+
+
+def test_predict_reads_digits_exactly_as_evaluation_does(finished_run):
+    """predict() on prepared test digits agrees with the test accuracy in metrics.json."""
+    folder, metrics, _ = finished_run
+    model, (mean, std) = mnist.load_trained_model(folder / "outputs")
+    images, labels = synthetic_digits(TEST_SIZE, seed=2)
+    predicted, _ = mnist.predict(model, torch.from_numpy(images).float() / 255, mean, std)
+    assert (predicted.numpy() == labels).mean() == metrics["test_accuracy"]
+
+
+def broken_inputs(folder):
+    (folder / "empty").mkdir(parents=True)
+    (folder / "empty" / "notes.txt").write_text("a folder with no image in it")
+    Image.new("RGB", (40, 40), (250, 250, 250)).save(folder / "blank.png")
+    (folder / "fake.png").write_bytes(b"this is text, not a PNG")
+    return {
+        "missing": (folder / "nowhere.png", "does not exist"),
+        "not an image": (folder / "fake.png", "is not an image that Pillow can read"),
+        "no ink": (folder / "blank.png", "has no ink to read"),
+        "empty folder": (folder / "empty", "a folder with no image files"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not an image", "no ink", "empty folder"])
+def test_predict_refuses_bad_images_in_one_line_and_changes_nothing(trained, tmp_path, capsys,
+                                                                    case):
+    output_dir, folder = trained
+    path, words = broken_inputs(tmp_path / "bad")[case]
+    before = snapshot(output_dir)
+    # A good image first: nothing at all may be predicted when a later one is bad.
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.main(["--predict", str(folder / "b-seven.png"), str(path), "--output-dir",
+                    str(output_dir)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert f"{path} " in captured.err and words in captured.err
+    assert snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda folder: (folder / "model.pt").unlink(), "train one first with 'python mnist.py'"),
+    (lambda folder: (folder / "model.pt").write_bytes(b"garbage"), "does not hold this script's"),
+    (lambda folder: torch.save(nn.Linear(784, 10).state_dict(), folder / "model.pt"),
+     "does not hold this script's"),
+    (lambda folder: (folder / "metrics.json").write_text("{}"), "does not hold this script's"),
+])
+def test_predict_without_this_networks_model_says_what_to_do(trained, capsys, damage, words):
+    output_dir, folder = trained
+    damage(output_dir)
+    before = snapshot(output_dir)
+    code, message = fail(["--predict", str(folder), "--output-dir", str(output_dir)], capsys)
+    assert code == 2 and words in message and str(output_dir) in message
+    assert snapshot(output_dir) == before
 
 
 # --- bad data: one clear line, the right exit code -------------------------------------------
@@ -374,10 +620,31 @@ def test_labels_outside_0_to_9(data_dir, tmp_path, capsys):
     assert code == 2 and "labels outside 0-9" in message and "t10k-labels-idx1-ubyte" in message
 
 
+def test_labels_outside_0_to_9_in_a_gz_are_caught_once_unpacked(tmp_path, capsys):
+    """torchvision unpacks the .gz files while it loads; the files are checked again after it."""
+    raw = write_mnist(tmp_path / "data")
+    write_idx(raw / "train-labels-idx1-ubyte", np.full(TRAIN_SIZE, 12))
+    for name in mnist.MNIST_FILES:
+        path = raw / name
+        path.with_suffix(".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    with pytest.MonkeyPatch.context() as patch:  # the MD5 check would refuse our own .gz files
+        patch.setattr("torchvision.datasets.utils.check_integrity", lambda *args: True)
+        code, message = fail(args_for(tmp_path / "data", tmp_path / "out"), capsys)
+    assert code == 2 and "train-labels-idx1-ubyte is damaged" in message
+    assert "labels outside 0-9" in message
+
+
 def test_data_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "data.txt").write_text("not a folder")
     code, message = fail(args_for(tmp_path / "data.txt", tmp_path / "out"), capsys)
     assert code == 2 and "--data-dir" in message and "is a file" in message
+
+
+def test_a_validation_set_as_large_as_the_data(data_dir, tmp_path, capsys):
+    code, message = fail(args_for(data_dir, tmp_path / "out", "--validation-size",
+                                  str(TRAIN_SIZE)), capsys)
+    assert code == 2 and "--validation-size 300 leaves no digits to train on" in message
 
 
 # --- bad flags -------------------------------------------------------------------------------
@@ -390,7 +657,10 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     ("--lr", "-0.1", "positive finite number"),
     ("--lr", "nan", "positive finite number"),
     ("--lr", "inf", "positive finite number"),
-    ("--lr", "fast", "invalid positive_float value"),
+    ("--lr", "fast", "invalid float value: 'fast'"),
+    ("--validation-size", "-1", "a whole number from 0 to 59999"),
+    ("--validation-size", "60000", "a whole number from 0 to 59999"),
+    ("--validation-size", "5k", "invalid int value: '5k'"),
     ("--device", "tpu", "invalid choice: 'tpu'"),
     ("--epoch", "3", "unrecognized arguments"),  # a typo, not an abbreviation of --epochs
 ])
@@ -420,7 +690,7 @@ def test_output_dir_that_is_a_file_or_cannot_be_created(data_dir, tmp_path, caps
 @pytest.fixture
 def previous_outputs(finished_run, tmp_path):
     """A copy of a finished run's outputs, to check that a failed run leaves them untouched."""
-    folder, _ = finished_run
+    folder, _, _ = finished_run
     shutil.copytree(folder / "outputs", tmp_path / "outputs")
     return tmp_path / "outputs", snapshot(tmp_path / "outputs")
 
@@ -429,7 +699,7 @@ def test_a_diverging_loss_stops_with_advice_and_writes_nothing(data_dir, previou
     output_dir, before = previous_outputs
     code, message = fail(args_for(data_dir, output_dir, "--lr", "1e6"), capsys)
     assert code == 1 and "in epoch 1" in message
-    assert "diverged" in message and "smaller --lr" in message
+    assert "diverged, most likely because" in message and "smaller --lr" in message
     assert snapshot(output_dir) == before
 
 
@@ -449,15 +719,27 @@ def test_ctrl_c_while_writing_reports_keeps_old_files(data_dir, previous_outputs
                                                       capsys):
     """The interrupt lands after two new files exist in full: neither may replace an old one."""
     output_dir, before = previous_outputs
-    original_save = mnist.save_figure
-    saved = []
+    written = []
 
-    def save_twice_then_interrupt(figure, path):
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-        original_save(figure, path)
-        saved.append(path)
-    monkeypatch.setattr(mnist, "save_figure", save_twice_then_interrupt)
+    def partial_png_then_interrupt(figure):
+        def write(path):
+            if len(written) == 2:
+                raise KeyboardInterrupt
+            figure.savefig(path, format="png")
+            written.append(path)
+        return write
+    monkeypatch.setattr(mnist, "partial_png", partial_png_then_interrupt)
     code, _ = fail(args_for(data_dir, output_dir, "--epochs", "1"), capsys)
-    assert code == 130 and len(saved) == 2
+    assert code == 130 and len(written) == 2
     assert snapshot(output_dir) == before  # and no .partial files are left behind
+
+
+def test_ctrl_c_while_the_figures_are_shown_says_the_files_were_written(data_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    def interrupt():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plt, "show", interrupt)
+    code, message = fail(args_for(data_dir, tmp_path / "out", "--epochs", "1", "--show"), capsys)
+    assert code == 130 and "the new files were all written" in message
+    assert "nothing new" not in message
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)

@@ -25,13 +25,15 @@ output_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs")
 raw = Path(sys.argv[2] if len(sys.argv) > 2 else "data") / "MNIST" / "raw"
 GATE = 0.975
 
-for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "misclassified.png",
-             "model.pt"):
+for name in ("metrics.json", "digits.png", "confusion_matrix.png", "training_curves.png",
+             "misclassified.png", "first_layer.png", "model.pt"):
     path = output_dir / name
     if not path.is_file() or path.stat().st_size == 0:
         sys.exit(f"FAIL: {path} is missing or empty")
 
 metrics = json.loads((output_dir / "metrics.json").read_text())
+if not {"val_accuracy", "val_loss"} <= set(metrics) or "test_accuracy" in metrics["history"][-1]:
+    sys.exit("FAIL: metrics.json should hold validation numbers, and per-epoch rows no test numbers")
 if metrics["test_accuracy"] < GATE:
     sys.exit(f"FAIL: test accuracy {metrics['test_accuracy']:.4f} is below the gate {GATE}")
 
