@@ -1,23 +1,21 @@
 """Teach a small neural network to read handwritten digits (MNIST): a lesson in one file.
 
-You will load and split the data and look at it, build a fully connected network (784 -> 128
--> 64 -> 10, 109,386 parameters), check it before training, train it with Adam while watching
-a validation set, score the test set once at the end, and let it read your own handwriting.
+You will load, split and look at the data, build a fully connected network (784 -> 128 -> 64
+-> 10, 109,386 parameters), check it before training, train it with Adam while watching a
+validation set, score the test set once at the end, and let it read your own handwriting.
 
     pip install -r requirements.txt
     python mnist.py                          # downloads MNIST (11 MB) once, trains 10 epochs
     python mnist.py --predict my-digit.png   # then reads a digit you drew or photographed
 
-Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (README.md: the measured
-numbers, the machine, and how to reproduce them). Part 1 is the lesson; Part 2, the appendix,
-holds what a real tool also needs (clear errors, safe writes, flags): skip it on a first read.
-Each "# %%" line starts a notebook cell, for Jupyter, VS Code and Colab.
+Expect about 98.4% test accuracy in 10 to 15 seconds on a 2-core CPU (README.md: how this was
+measured). Part 1 is the lesson; Part 2 holds what a real tool also needs (clear errors, safe
+writes, flags): skip it on a first read. Each "# %%" line starts a notebook cell.
 """
 
 # %% 1. Imports and settings
 import gc
-
-gc.disable()  # a faster start-up: see "Speed notes" in Part 2
+gc.disable()  # a faster start-up: see the speed notes in Part 2
 
 import argparse
 import contextlib
@@ -71,26 +69,23 @@ def split_indices(count, validation_size):
 
 
 def load_mnist(data_dir, validation_size, device):
-    """{"train", "validation", "test": (images, labels)} as normalized tensors on the device.
-
-    Also returns (mean, std). With validation_size 0 there is no "validation" entry.
-    """
+    """({"train", "validation" (unless its size is 0), "test": (images, labels)}, (mean, std))."""
     images, labels = load_split(data_dir, train=True)  # (60000, 28, 28), (60000,)
     if validation_size >= len(images):
         raise UserError(f"--validation-size {validation_size} leaves no digits to train on; "
                         f"choose fewer than {len(images):,}")
     train, held_out = split_indices(len(images), validation_size)
-    splits = {"train": (images[train], labels[train]),                # (55000, 28, 28)
-              "validation": (images[held_out], labels[held_out]),     # (5000, 28, 28)
-              "test": load_split(data_dir, train=False)}              # (10000, 28, 28)
+    splits = {"train": (images[train], labels[train]),             # (55000, 28, 28)
+              "validation": (images[held_out], labels[held_out]),  # (5000, 28, 28)
+              "test": load_split(data_dir, train=False)}           # (10000, 28, 28)
     if validation_size == 0:
         del splits["validation"]
     # Pixels are scaled to [0, 1], then standardized, (pixel - mean) / std, which centres the
-    # inputs on 0 with a spread of 1, so the first layer's outputs start at a sensible scale. The
-    # mean and std come from the training part alone (about 0.1307 and 0.3081, the two numbers
-    # in so many MNIST scripts): statistics of the validation or test digits would leak
-    # information about them into training. The _ in div_ and sub_ means "in place": no copy.
-    pixels = {name: images.to(device).float().div_(255) for name, (images, _) in splits.items()}
+    # inputs on 0 with a spread of 1, so that the first layer's outputs start at a sensible
+    # scale. The mean and std come from the training part alone (about 0.1307 and 0.3081, the
+    # two numbers in so many MNIST scripts): statistics of the validation or test digits would
+    # leak information about them into training. div_ and sub_ work in place: no extra copy.
+    pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
     std, mean = (value.item() for value in torch.std_mean(pixels["train"]))
     return ({name: (pixels[name].sub_(mean).div_(std), labels.to(device))
              for name, (_, labels) in splits.items()}, (mean, std))
@@ -166,8 +161,8 @@ class MLP(nn.Module):
 # %% 6. A check before training
 # An untrained network should be equally unsure of all ten digits. Cross-entropy is -ln(the
 # probability given to the right digit), so guessing 1/10 for each scores ln(10) = 2.30. A
-# loss far above that means the network starts out confidently wrong: look for a bug in the
-# model or in the pixels' scaling before you spend time on training.
+# loss far above that means that the network starts out confidently wrong: look for a bug in
+# the model or in the pixels' scaling before you spend time on training.
 
 @torch.no_grad()
 def loss_before_training(model, images, labels):
@@ -208,12 +203,13 @@ def make_scheduler(optimizer, schedule, total_steps):
     if schedule == "one-cycle":
         # Warm up from lr/25 to the peak --lr over the first 15% of the steps, then anneal to
         # almost zero: big steps early cover ground, tiny steps late settle into a minimum
-        # instead of bouncing around it. OneCycleLR would also cycle Adam's beta1 (how much of
-        # the past gradients each step keeps) between 0.95 and 0.85; cycle_momentum=False keeps
-        # it at Adam's 0.9, which scored better on validation.
+        # instead of bouncing around it. OneCycleLR also moves Adam's beta1 (how much of past
+        # gradients each step keeps) the other way, from 0.95 down to 0.85 and back: less
+        # momentum while the steps are big. Holding it at 0.9 (cycle_momentum=False) validated
+        # no better, so we keep torch's default.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
-            pct_start=0.15, cycle_momentum=False)
+            pct_start=0.15)
     # "constant", the original recipe: a scheduler that multiplies the rate by 1, so that the
     # training loop can call scheduler.step() whichever schedule was chosen.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -249,10 +245,10 @@ def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
         started = time.perf_counter()
         train_loss, train_accuracy = train_one_epoch(model, epoch_batches(), optimizer, scheduler)
         if not train_loss < 10 * math.log(10):  # ten times a random guess's loss, or NaN
-            raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch}, "
-                            f"against {math.log(10):.2f} for guessing: training has diverged, "
-                            "most likely because the learning rate is too high. Try a smaller "
-                            "--lr, such as 1e-3. No reports were written.", exit_code=1)
+            raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch} (a "
+                            "guess scores 2.30): training has diverged, most likely because the "
+                            "learning rate is too high. Try a smaller --lr, such as 1e-3.",
+                            exit_code=1)
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy}
         line = f"epoch {epoch:>3}   train loss {train_loss:.4f} accuracy {train_accuracy:7.2%}"
         if validation is not None:
@@ -272,8 +268,9 @@ def final_scores(model, splits):
     """Score every split once. Returns (the scores for metrics.json, the test evaluation)."""
     results = {name: evaluate(model, images, labels) for name, (images, labels) in splits.items()}
     test, test_labels = results["test"], splits["test"][1].cpu()
-    # labels=range(10) keeps a row and a column for a digit that a tiny test set lacks, and
-    # zero_division=0 scores a digit that is never predicted as 0 instead of NaN.
+    # Per digit: precision (of the digits predicted as d, how many were d), recall (of the
+    # true d's, how many were found) and F1, their harmonic mean. labels=range(10) keeps a row
+    # for a digit that a tiny test set lacks; zero_division=0 scores one never predicted as 0.
     report = classification_report(test_labels, test["predictions"], labels=range(10),
                                    zero_division=0, output_dict=True)
     scores = {"train_accuracy": results["train"]["accuracy"]}
@@ -292,13 +289,12 @@ def final_scores(model, splits):
 
 
 # %% 11. Reports
-# A run writes its numbers to metrics.json and draws five figures (Part 2 has the plotting code,
-# and writes the files all or none). digits.png shows the first training digits. The confusion
-# matrix counts which digit was taken for which. The training curves show train against
-# validation, epoch by epoch. misclassified.png shows the test digits the model got most
-# confidently wrong: some would fool a person too. And first_layer.png shows what the network
-# learned: each of the 128 first-layer units weighs the 784 pixels, so its weights form a
-# 28 x 28 picture, where red pixels raise the unit and blue ones lower it. Look for stroke-like
+# A run writes metrics.json and five figures (Part 2 draws them and writes all or none):
+# digits.png, the first training digits; the confusion matrix, which digit was taken for which;
+# the training curves, train against validation; misclassified.png, the test digits the model
+# got most confidently wrong (some would fool a person too); and first_layer.png, what the
+# network learned. Each of the 128 first-layer units weighs the 784 pixels, so its weights
+# form a 28 x 28 picture: red pixels raise the unit, blue ones lower it. Look for stroke-like
 # detectors, and for the speckled border: MNIST's border pixels are always black, so their
 # weights never receive a gradient and keep their random start.
 
@@ -313,8 +309,7 @@ def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
     # 1. Paint programs save dark ink on a transparent canvas: lay it on white paper.
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"),
-                                      image.convert("RGBA"))
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     # 2. Grey levels, one number per pixel, in [0, 1].
     grey = np.asarray(image.convert("L"), dtype=np.float32) / 255  # (height, width)
     # 3. MNIST's ink is bright on a dark background, the opposite of ink on paper. The border
@@ -357,19 +352,11 @@ def predict(model, digits, mean, std):
     return predicted, confidences
 
 
-def load_trained_model(output_dir):
-    """The model and the normalization (mean, std) that a training run saved in output_dir."""
-    model = MLP()
-    with trained_model_checks(output_dir):  # Part 2: a missing or foreign model -> one line
-        # weights_only=True loads tensors only, so a file from elsewhere can never run code.
-        model.load_state_dict(torch.load(output_dir / "model.pt", weights_only=True))
-        normalization = json.loads((output_dir / "metrics.json").read_text())["normalization"]
-    return model, (normalization["mean"], normalization["std"])
-
-
 def predict_files(paths, output_dir):
     """--predict: print the digit read in each image; draw them as the network sees them."""
+    # Part 2 reloads the model.pt and the normalization in metrics.json that training saved.
     model, (mean, std) = load_trained_model(output_dir)
+    prepare_output_dir(output_dir)
     files = [file for path in paths for file in image_files(path)]  # a folder: its images
     # Every image is read and prepared before anything is predicted, so that bad input stops
     # the run with one clear line and leaves no half-done output.
@@ -385,9 +372,7 @@ def predict_files(paths, output_dir):
     return predicted, confidences
 
 
-# %% 13. Putting it together
-# main() reads the flags (Part 2 defines them; `python mnist.py --help` lists them) and either
-# trains and writes the reports, or, with --predict, reads your images.
+# %% 13. Putting it together: main() reads the flags (Part 2; see --help), then trains or predicts
 
 def train_and_report(args):
     """Train, score and write the reports, as the flags say. Returns the metrics."""
@@ -400,9 +385,9 @@ def train_and_report(args):
     # thousands of steps, so expect agreement to about 0.1% there, not digit for digit.
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = {**{key: str(value) if isinstance(value, Path) else value
-                   for key, value in vars(args).items()},
-                "device_used": str(device), "torch_version": torch.__version__}
+    settings = {name: str(value) if isinstance(value, Path) else value
+                for name, value in vars(args).items()}
+    settings.update(device_used=str(device), torch_version=torch.__version__)
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
 
     splits, (mean, std) = load_mnist(args.data_dir, args.validation_size, device)
@@ -490,16 +475,14 @@ def check_idx_file(path):
     dimensions = 3 if "images" in path.name else 1
     with open(path, "rb") as file:
         header, labels = file.read(4 + 4 * dimensions), file.read() if dimensions == 1 else b""
-    size = path.stat().st_size
-    complete = len(header) == 4 + 4 * dimensions
-    magic, *sizes = struct.unpack(f">{1 + dimensions}I", header) if complete else (None,)
-    if not complete:
+    magic, *sizes = struct.unpack(f">{1 + dimensions}I", header.ljust(4 + 4 * dimensions))
+    size, expected = path.stat().st_size, len(header) + math.prod(sizes)
+    if len(header) < 4 + 4 * dimensions:
         problem = f"it is only {size} bytes long"
     elif magic != 2048 + dimensions:
         problem = f"its magic number is {magic}, not {2048 + dimensions}"
-    elif size != len(header) + math.prod(sizes):
-        problem = (f"it has {size:,} bytes where its header promises "
-                   f"{len(header) + math.prod(sizes):,}")
+    elif size != expected:
+        problem = f"it has {size:,} bytes where its header promises {expected:,}"
     elif max(labels, default=0) > 9:
         problem = "it holds labels outside 0-9, so it is not an MNIST label file"
     else:
@@ -558,7 +541,7 @@ def explain_download_failure(raw_folder, error):
             "folder that holds MNIST/raw/.")
 
 
-# %% B. Checks for --predict: your images, and the trained model
+# %% B. For --predict: reading your images, and the trained model
 
 def image_files(path):
     """[path] for a file; for a folder, the image files in it, in sorted order."""
@@ -583,15 +566,19 @@ def open_image(path):
                         "of one digit") from None
 
 
-@contextlib.contextmanager
-def trained_model_checks(output_dir):
+def load_trained_model(output_dir):
+    """The model and the normalization (mean, std) that a training run saved in output_dir."""
     for name in ("model.pt", "metrics.json"):
         if not (output_dir / name).is_file():
             raise UserError(f"no trained model in {output_dir} ({name} is missing): train one "
                             "first with 'python mnist.py', or point --output-dir at the folder "
                             "that holds model.pt and metrics.json")
+    model = MLP()
     try:
-        yield
+        # weights_only=True loads tensors only, so a file from elsewhere can never run code.
+        model.load_state_dict(torch.load(output_dir / "model.pt", weights_only=True))
+        normalization = json.loads((output_dir / "metrics.json").read_text())["normalization"]
+        return model, (normalization["mean"], normalization["std"])
     except Exception:  # whatever fails while reading them, they are not this network's files
         raise UserError(f"{output_dir / 'model.pt'} does not hold this script's network, or "
                         "metrics.json beside it has no normalization: train again with "
@@ -666,8 +653,8 @@ def number(kind, low, high, description):
 
 def parse_args(argv):
     # allow_abbrev=False: a typo such as --epoch is an error, not a silent abbreviation.
-    parser = Parser(prog="mnist.py", allow_abbrev=False,
-                    description="Train a small network on MNIST, or read your own digits with it.",
+    parser = Parser(prog="mnist.py", allow_abbrev=False, description="Train a small network on "
+                    "MNIST, or read your own digits with it.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     positive_int = number(int, 1, math.inf, "a positive whole number")
     recipe = parser.add_argument_group("training recipe (the original: --lr 1e-3 "
@@ -681,13 +668,12 @@ def parse_args(argv):
     recipe.add_argument("--max-shift", type=int, choices=range(0, 5), default=1, metavar="{0..4}",
                         help="shift training digits by up to this many pixels (0: off)")
     recipe.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and order")
-    recipe.add_argument("--validation-size", default=5000,
-                        type=number(int, 0, 59_999, "a whole number from 0 to 59999"),
-                        help="training digits held out for validation; 0 trains on all 60,000")
+    recipe.add_argument("--validation-size", type=number(int, 0, 59_999, "a whole number from 0 "
+                        "to 59999"), default=5000, help="training digits held out to validate "
+                        "on; 0 trains on all 60,000")
     run = parser.add_argument_group("running")
-    run.add_argument("--predict", nargs="+", type=Path, metavar="IMAGE",
-                     help="read these images, or the images in these folders, with the model "
-                     "in --output-dir, instead of training (on the cpu)")
+    run.add_argument("--predict", nargs="+", type=Path, metavar="IMAGE", help="read these images "
+                     "(or folders of them) with the model in --output-dir, instead of training")
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                      help="auto picks cuda, then mps, then cpu")
     run.add_argument("--loader", choices=["tensors", "dataloader"], default="tensors",
@@ -741,8 +727,7 @@ def make_dataloader(args, limit, normalization):
         shuffle=True, generator=torch.Generator().manual_seed(args.seed))
 
 
-# %% F. Drawing the figures
-# Each function returns a matplotlib figure; write_reports saves them as PNG files.
+# %% F. Drawing the figures (section 11 says what to look for in them)
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
@@ -758,12 +743,19 @@ def plot_grid(images, titles, title, columns):
     return figure
 
 
-def plot_confusion_matrix(matrix):
-    figure, axes = plt.subplots(figsize=(7, 6))
-    # fmt="d" prints counts as integers (not 1.1e+03); seaborn >= 0.13 annotates every cell.
-    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes)
-    axes.set(xlabel="predicted digit", ylabel="true digit",
-             title="Confusion matrix on the test set (off-diagonal cells are mistakes)")
+def plot_first_layer(model, rows=8, columns=16):
+    weights = model.layers[1].weight.detach().cpu().view(-1, 28, 28)  # (128, 28, 28)
+    # Each unit gets its own colour scale, centred at zero, so that faint units show too. The
+    # units are tiled into one picture with a blank (NaN) line between them, which draws much
+    # faster than 128 small plots.
+    tiles = F.pad(weights / weights.abs().amax(dim=(1, 2), keepdim=True), (0, 1, 0, 1),
+                  value=float("nan"))                                           # (128, 29, 29)
+    mosaic = tiles.view(rows, columns, 29, 29).permute(0, 2, 1, 3).reshape(rows * 29, -1)
+    figure, axes = plt.subplots(figsize=(columns * 0.8, rows * 0.8 + 0.5))
+    axes.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)  # red +, blue -, white 0
+    axes.set_title("The 128 first-layer units' weights: what each one looks for")
+    axes.axis("off")
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93)
     return figure
 
 
@@ -780,31 +772,22 @@ def plot_training_curves(history):
     return figure
 
 
-def plot_first_layer(model, rows=8, columns=16):  # what to look for: section 11
-    weights = model.layers[1].weight.detach().cpu().view(-1, IMAGE_SIDE, IMAGE_SIDE)  # (128, 28, 28)
-    # Each unit gets its own colour scale, centred at zero, so that faint units show too. The
-    # units are tiled into one picture, with a blank (NaN) line between them: much faster to
-    # draw than 128 small plots.
-    tiles = F.pad(weights / weights.abs().amax(dim=(1, 2), keepdim=True), (0, 1, 0, 1),
-                  value=float("nan"))                                          # (128, 29, 29)
-    mosaic = tiles.view(rows, columns, 29, 29).permute(0, 2, 1, 3).reshape(rows * 29, -1)
-    figure, axes = plt.subplots(figsize=(columns, rows + 0.5))
-    axes.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)  # red: positive, blue: negative
-    axes.set_title("The 128 first-layer units' weights: what each one looks for")
-    axes.axis("off")
-    return figure
-
-
 def draw_reports(metrics, model, splits, test):
     """Every figure of a training run, by file name."""
     train_images, train_labels = (tensor[:40].cpu() for tensor in splits["train"])
     test_images, test_labels = (tensor.cpu() for tensor in splits["test"])
     wrong = (test["predictions"] != test_labels).nonzero().flatten()
     wrong = wrong[test["confidences"][wrong].argsort(descending=True)][:25]  # most sure first
+    matrix_figure, matrix_axes = plt.subplots(figsize=(7, 6))
+    # fmt="d" prints counts as integers (not 1.1e+03); seaborn >= 0.13 annotates every cell.
+    sns.heatmap(metrics["confusion_matrix"], annot=True, fmt="d", cmap="Blues", cbar=False,
+                ax=matrix_axes)
+    matrix_axes.set(xlabel="predicted digit", ylabel="true digit",
+                    title="Confusion matrix on the test set (off the diagonal: mistakes)")
     return {
-        "digits.png": plot_grid(train_images, train_labels.tolist(), "The first training "
-                                "digits, and their labels", columns=10),
-        "confusion_matrix.png": plot_confusion_matrix(metrics["confusion_matrix"]),
+        "digits.png": plot_grid(train_images, train_labels.tolist(),
+                                "The first training digits, and their labels", columns=10),
+        "confusion_matrix.png": matrix_figure,
         "training_curves.png": plot_training_curves(metrics["history"]),
         "misclassified.png": plot_grid(
             test_images[wrong], [f"{test_labels[i]} → {test['predictions'][i]} "

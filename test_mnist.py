@@ -248,18 +248,20 @@ def test_train_one_epoch_syncs_with_the_device_once_per_epoch_not_per_batch(monk
     assert len(calls) == 2  # the loss and the accuracy, once each, after the last batch
 
 
-def test_one_cycle_schedule_warms_up_then_anneals_and_leaves_adams_beta1_alone():
+def test_one_cycle_schedule_warms_up_then_anneals_and_cycles_beta1_the_other_way():
     optimizer = torch.optim.Adam(mnist.MLP().parameters(), lr=3e-3)
     scheduler = mnist.make_scheduler(optimizer, "one-cycle", 100)
-    rates = []
+    rates, beta1 = [], []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
-        assert optimizer.param_groups[0]["betas"][0] == 0.9
+        beta1.append(optimizer.param_groups[0]["betas"][0])
         optimizer.step()
         scheduler.step()
     peak = rates.index(max(rates))
     assert 10 <= peak <= 20 and max(rates) == pytest.approx(3e-3)
     assert rates[0] < 3e-4 and rates[-1] < 1e-5
+    assert beta1[0] == pytest.approx(0.95) and beta1[peak] == pytest.approx(0.85)
+    assert beta1[-1] > 0.94
 
 
 # --- the whole run: metrics and reports ------------------------------------------------------
