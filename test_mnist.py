@@ -20,6 +20,7 @@ from pathlib import Path
 from unittest.mock import Mock
 
 import matplotlib
+import matplotlib.figure
 
 matplotlib.use("Agg")  # no windows, whatever machine runs the tests
 
@@ -352,6 +353,20 @@ def test_every_figure_is_a_real_png(finished_run):
             with Image.open(folder / "outputs" / name) as image:
                 assert image.format == "PNG" and image.width > 300 and image.height > 200
                 image.verify()
+
+
+def test_first_layer_picture_tiles_each_units_weights_in_order():
+    model = mnist.MLP()
+    mosaic = np.ma.filled(mnist.plot_first_layer(model).axes[0].images[0].get_array(), np.nan)
+    assert mosaic.shape == (8 * 29, 16 * 29)
+    weights = model.layers[1].weight.detach()  # (128, 784)
+    for unit in (0, 17, 127):
+        row, column = divmod(unit, 16)
+        tile = mosaic[29 * row:29 * row + 28, 29 * column:29 * column + 28]
+        expected = weights[unit] / weights[unit].abs().max()
+        assert np.allclose(tile, expected.view(28, 28).numpy(), atol=1e-6)
+    assert np.isnan(mosaic[28]).all()  # the blank line between rows of units
+    plt.close("all")
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(finished_run):
@@ -722,15 +737,14 @@ def test_ctrl_c_while_writing_reports_keeps_old_files(data_dir, previous_outputs
     """The interrupt lands after two new files exist in full: neither may replace an old one."""
     output_dir, before = previous_outputs
     written = []
+    savefig = matplotlib.figure.Figure.savefig
 
-    def partial_png_then_interrupt(figure):
-        def write(path):
-            if len(written) == 2:
-                raise KeyboardInterrupt
-            figure.savefig(path, format="png")
-            written.append(path)
-        return write
-    monkeypatch.setattr(mnist, "partial_png", partial_png_then_interrupt)
+    def save_twice_then_interrupt(figure, path, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        savefig(figure, path, **kwargs)
+        written.append(path)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_twice_then_interrupt)
     code, _ = fail(args_for(data_dir, output_dir, "--epochs", "1"), capsys)
     assert code == 130 and len(written) == 2
     assert snapshot(output_dir) == before  # and no .partial files are left behind

@@ -92,9 +92,13 @@ def main():
                         help="the folder that holds the trained model.pt and metrics.json")
     parser.add_argument("--images", type=Path, default=Path("runs/own-digits"),
                         help="where to draw the test images")
+    parser.add_argument("--require", type=float, nargs=2, metavar=("FONTS", "HANDWRITING"),
+                        help="exit 1 unless MNIST's preparation reads at least these fractions "
+                        "of the two sets (CI uses 0.9 0.7)")
     args = parser.parse_args()
     model, (mean, std) = mnist.load_trained_model(args.output_dir)
     drawn = write_images(args.images)
+    overall = {}
     print(f"model: {args.output_dir / 'model.pt'}")
     print(f"{'images':<33} {'count':>5} {'MNIST preparation':>18} {'plain resize':>13}")
     for name in ("fonts", "load_digits"):
@@ -111,6 +115,10 @@ def main():
                 scores.append((predicted == labels).float().mean().item())
             print(f"{name + ': ' + chosen_kind:<33} {len(chosen):>5} {scores[0]:>18.1%} "
                   f"{scores[1]:>13.1%}")
+        overall[name] = scores[0]
+    if args.require and not all(overall[name] >= low for name, low in
+                                zip(("fonts", "load_digits"), args.require)):
+        raise SystemExit(f"FAIL: MNIST's preparation read {overall}, below {args.require}")
 
 if __name__ == "__main__":
     main()
