@@ -87,8 +87,8 @@ def load_mnist(data_dir, validation_size, device):
     # leak information about them into training. div_ and sub_ work in place: no extra copy.
     pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
     std, mean = (value.item() for value in torch.std_mean(pixels["train"]))
-    return ({name: (pixels[name].sub_(mean).div_(std), labels.to(device))
-             for name, (_, labels) in splits.items()}, (mean, std))
+    return ({name: (pixels[name].sub_(mean).div_(std), split[1].to(device))
+             for name, split in splits.items()}, (mean, std))
 
 
 # %% 3. A look at the data
@@ -301,8 +301,8 @@ def final_scores(model, splits):
 # A model knows only the kind of data it was trained on. MNIST digits are white ink on black,
 # scaled so that their longer side is 20 pixels, with soft grey edges, and placed so that their
 # centre of mass sits at the centre of the 28 x 28 field. A photo resized straight to 28 x 28
-# is none of these things, and the network fails on it: the data has shifted away from what
-# the model learned (README.md has the numbers). So we prepare an image as MNIST was made.
+# is none of these things, and the network fails on it (README.md has the numbers): new data
+# unlike the training data is a *distribution shift*. So we prepare images as MNIST was made.
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
@@ -332,12 +332,12 @@ def prepare_digit(image, name="the image"):
     size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
     # 7. Place it so that its centre of mass (the ink-weighted mean position) falls on the
-    #    field's centre, 13.5. A lopsided digit can be pushed partly off the 28 x 28 field, so
-    #    we paste it into the middle of a field three times as wide, then cut that middle out.
+    #    centre, 13.5, of a 28 x 28 field. A lopsided digit may be pushed partly off it, so we
+    #    paste into the middle of an 84 x 84 field, then cut out rows and columns 28 to 55.
     height, width = box.shape
     top = 28 + round(13.5 - (box.sum(axis=1) * np.arange(height)).sum() / box.sum())
     left = 28 + round(13.5 - (box.sum(axis=0) * np.arange(width)).sum() / box.sum())
-    field = np.zeros((3 * IMAGE_SIDE, 3 * IMAGE_SIDE), dtype=np.float32)
+    field = np.zeros((84, 84), dtype=np.float32)
     field[top:top + height, left:left + width] = box
     return torch.from_numpy(field[28:56, 28:56].copy())  # (28, 28)
 
@@ -558,6 +558,7 @@ def image_files(path):
 def open_image(path):
     try:
         with Image.open(path) as image:
+            image.load()  # read it all now, so that a file cut short fails here
             # Phone cameras store a picture sideways, with a note (EXIF) to turn it upright.
             return ImageOps.exif_transpose(image)
     except (OSError, ValueError, Image.DecompressionBombError):  # not an image, cut short...

@@ -527,15 +527,18 @@ def broken_inputs(folder):
     (folder / "empty" / "notes.txt").write_text("a folder with no image in it")
     Image.new("RGB", (40, 40), (250, 250, 250)).save(folder / "blank.png")
     (folder / "fake.png").write_bytes(b"this is text, not a PNG")
+    draw_seven().convert("RGB").save(folder / "whole.jpg")
+    (folder / "cut.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:600])
     return {
         "missing": (folder / "nowhere.png", "does not exist"),
         "not an image": (folder / "fake.png", "is not an image that Pillow can read"),
+        "cut short": (folder / "cut.jpg", "is not an image that Pillow can read"),
         "no ink": (folder / "blank.png", "has no ink to read"),
         "empty folder": (folder / "empty", "a folder with no image files"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not an image", "no ink", "empty folder"])
+@pytest.mark.parametrize("case", ["missing", "not an image", "cut short", "no ink", "empty folder"])
 def test_predict_refuses_bad_images_in_one_line_and_changes_nothing(trained, tmp_path, capsys,
                                                                     case):
     output_dir, folder = trained
