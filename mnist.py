@@ -364,7 +364,7 @@ def predict_files(paths, output_dir):
     titles = []
     for file, digit, confidence in zip(files, predicted.tolist(), confidences.tolist()):
         print(f"{file}: {digit} ({confidence:.1%})")  # for example "my-seven.png: 7 (99.2%)"
-        titles.append(f"{file.name[:14]}\n{digit} ({confidence:.1%})")
+        titles.append(f"{file.stem[:16]}\n{digit} ({confidence:.1%})")
     figure = plot_grid(digits, titles, "Your digits as the network sees them", columns=8)
     written = write_all_or_nothing(output_dir, {"predictions.png": figure})
     print(f"wrote {written[0]}", file=sys.stderr)  # stdout stays one line per image
@@ -627,11 +627,6 @@ def prepare_output_dir(output_dir):
 
 # %% D. Flags and devices
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, where argparse would print its whole usage first
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def number(kind, low, high, description):
     """An argparse type: a number of `kind` from low to high, or a clear one-line error."""
     def convert(text):
@@ -645,21 +640,29 @@ def number(kind, low, high, description):
 
 def parse_args(argv):
     # allow_abbrev=False: a typo such as --epoch is an error, not a silent abbreviation.
-    parser = Parser(prog="mnist.py", allow_abbrev=False, description="Train a small network on "
-                    "MNIST, or read your own digits with it.",
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnist.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a small network on MNIST, or read your own digits with it.")
+    # A bad flag gets one line, where argparse would print its whole usage block first.
+    parser.error = lambda message: parser.exit(2, f"mnist.py: error: {message} (see --help)\n")
     positive_int = number(int, 1, math.inf, "a positive whole number")
     recipe = parser.add_argument_group("training recipe (the original: --lr 1e-3 "
                                        "--lr-schedule constant --max-shift 0 --batch-size 64)")
     recipe.add_argument("--epochs", type=positive_int, default=10, help="passes over the data")
+    # Each recipe default below validated best of the values tried (README.md has the table).
+    # Batch 256 validated as well as 64 (97.99% against 98.02%) in less than half the time.
     recipe.add_argument("--batch-size", type=positive_int, default=256, help="digits per step")
+    # A one-cycle peak of 3e-3 validated at 97.99%, against 97.38% at 1e-3 and 97.92% at 1e-2.
     recipe.add_argument("--lr", type=number(float, math.ulp(0.0), math.inf, "a positive finite "
                         "number"), default=3e-3, help="(peak) learning rate of Adam")
+    # One-cycle validated half a point above a constant rate (97.99% against 97.48%).
     recipe.add_argument("--lr-schedule", choices=["one-cycle", "constant"], default="one-cycle",
                         help="how the learning rate changes over the run")
+    # Shifts of 1 pixel validated at 97.99%, against 97.61% with none and 97.58% with 2.
     recipe.add_argument("--max-shift", type=int, choices=range(0, 5), default=1, metavar="{0..4}",
                         help="shift training digits by up to this many pixels (0: off)")
     recipe.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and order")
+    # 5,000 digits measure an accuracy near 98% to about 0.2% (one standard error).
     recipe.add_argument("--validation-size", type=number(int, 0, 59_999, "a whole number from 0 "
                         "to 59999"), default=5000, help="training digits held out to validate "
                         "on; 0 trains on all 60,000")
@@ -723,9 +726,12 @@ def make_dataloader(args, limit, normalization):
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
+    columns = max(1, min(columns, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.5 * rows + 0.7),
-                                squeeze=False)
+    height = 1.5 * rows + 0.8  # inches: 1.5 per row of images and titles, 0.8 for the title
+    figure, grid = plt.subplots(rows, columns, figsize=(1.4 * columns + 0.4, height), squeeze=False,
+                                gridspec_kw={"top": 1 - 0.8 / height, "bottom": 0.02, "left": 0.02,
+                                             "right": 0.98})
     for axes in grid.flat:
         axes.axis("off")
     for axes, image, text in zip(grid.flat, images, titles):
