@@ -492,25 +492,22 @@ def check_idx_file(path):
 
 @contextlib.contextmanager
 def mnist_file_checks(data_dir, train):
-    """Check a split's files before and after torchvision reads them; explain a failed download."""
+    """Check a split's unpacked files before torchvision reads them; explain a failed download."""
+    # (.gz files need no check here: torchvision checks their MD5 sums before unpacking them.)
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds (or will "
                         "hold) MNIST/raw/, for example --data-dir data")
     raw_folder = Path(data_dir).resolve() / "MNIST" / "raw"
     images, labels = (raw_folder / name for name in MNIST_FILES[0 if train else 2:][:2])
-
-    def check_unpacked_files():  # torchvision unpacks the .gz files as it loads them
-        counts = [check_idx_file(path) for path in (images, labels) if path.is_file()]
-        if len(counts) == 2 and counts[0] != counts[1]:
-            raise UserError(f"{images} holds {counts[0]:,} images but {labels.name} holds "
-                            f"{counts[1]:,} labels; they must come from the same MNIST download. "
-                            "Delete both and run again.")
-    check_unpacked_files()
+    counts = [check_idx_file(path) for path in (images, labels) if path.is_file()]
+    if len(counts) == 2 and counts[0] != counts[1]:
+        raise UserError(f"{images} holds {counts[0]:,} images but {labels.name} holds "
+                        f"{counts[1]:,} labels; they must come from the same MNIST download. "
+                        "Delete both and run again.")
     try:
         yield
     except (RuntimeError, OSError) as error:  # no network, HTTP 403 or 503, SSL, a full disk...
         raise UserError(explain_download_failure(raw_folder, error), exit_code=1) from None
-    check_unpacked_files()
 
 
 def explain_download_failure(raw_folder, error):
