@@ -1,32 +1,32 @@
 """Teach a small neural network to read handwritten digits (MNIST): a lesson in one file.
 
 You will load, split and look at the data, build a fully connected network (784 -> 128 -> 64
--> 10, 109,386 parameters), check it before training, train it with Adam while watching a
-validation set, score the test set once at the end, and let it read your own handwriting.
+-> 10, 109,386 parameters), check it before training, follow one digit through it, train it
+with Adam while watching a validation set, score the test set once at the end, and let it read
+your own handwriting.
 
-    pip install -r requirements.txt
+    pip install -r requirements.txt          # README.md says which torch suits your computer
     python mnist.py                          # downloads MNIST (11 MB) once, trains 10 epochs
     python mnist.py --predict my-digit.png   # then reads a digit you drew or photographed
 
-Expect about 98.4% test accuracy in about 12 seconds on a 2-core CPU (README.md: how this was
+Expect about 98.4% test accuracy in about 10 seconds on a 2-core CPU (README.md: how this was
 measured). Part 1 is the lesson; Part 2 holds what a real tool also needs (clear errors, safe
-writes, flags): skip it on a first read. Each "# %%" line starts a notebook cell.
+writes, flags, devices): skip it on a first read. Each "# %%" line starts a notebook cell.
 """
 
 # %% 1. Imports and settings
-import gc
-gc.disable()  # a faster start-up: see the speed notes in Part 2
-
 import argparse
 import contextlib
+import copy
+import functools
 import json
 import math
 import os
-import struct
 import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -37,26 +37,33 @@ import torchvision
 from PIL import Image, ImageOps
 from sklearn.metrics import classification_report, confusion_matrix
 
-gc.freeze()
-gc.enable()
-
 IMAGE_SIDE = 28  # MNIST digits are 28 x 28 grey pixels
 
 
+class UserError(Exception):
+    """A problem the user can fix, such as a bad flag or a missing file. main() prints it as one
+    line with no traceback, and exits with exit_code: 2 for bad input (as argparse does), else 1."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # %% 2. The data
-# MNIST holds 70,000 handwritten digits: 60,000 to train on, and 10,000 to test on that were
-# written by other people. The test set answers one question, once, at the very end: how well
-# does the finished model read digits it has never seen? If we also chose settings by it (the
-# learning rate, the number of epochs...), we would slowly fit them to those 10,000 digits, and
-# the final score would flatter the model. So we hold out a *validation* set from the training
-# digits, and make every choice, and draw every per-epoch curve, on that instead.
+# MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
+# 60,000 to train on, and 10,000 to test on, written by other people. The test set answers one
+# question, once, at the very end: how well does the finished model read handwriting it has
+# never seen? If we also chose settings by it (the learning rate, the number of epochs...), we
+# would slowly fit them to those 10,000 digits, and the final score would flatter the model.
+# So we hold out a *validation* set, 5,000 of the training digits, and make every choice, and
+# draw every per-epoch curve, on it instead. Its digits share their writers with the training
+# digits; only the test set measures new writers.
 
 def load_split(data_dir, train):
     """One MNIST split: images (N, 28, 28) uint8 in 0-255, and labels (N,) int64 in 0-9."""
-    # download=True fetches only missing files: after the first run this never touches the
-    # network. Part 2 turns a failed download or a damaged file into one clear line.
-    with mnist_file_checks(data_dir, train):
-        dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    # download=True fetches only the files missing from data_dir/MNIST/raw/: after the first
+    # run this never touches the network.
+    dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     return dataset.data, dataset.targets
 
 
@@ -80,15 +87,18 @@ def load_mnist(data_dir, validation_size, device):
               "test": load_split(data_dir, train=False)}           # (10000, 28, 28)
     if validation_size == 0:
         del splits["validation"]
+    # A *device* is where tensors live and arithmetic runs: the CPU, or a GPU ("cuda" for
+    # NVIDIA's, "mps" for Apple's). The data moves there once, and stays.
     # Pixels are scaled to [0, 1], then standardized, (pixel - mean) / std, which centres the
     # inputs on 0 with a spread of 1, so that the first layer's outputs start at a sensible
     # scale. The mean and std come from the training part alone (about 0.1307 and 0.3081, the
     # two numbers in so many MNIST scripts): statistics of the validation or test digits would
-    # leak information about them into training. div_ and sub_ work in place: no extra copy.
-    pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
-    std, mean = (value.item() for value in torch.std_mean(pixels["train"]))
-    return ({name: (pixels[name].sub_(mean).div_(std), split[1].to(device))
-             for name, split in splits.items()}, (mean, std))
+    # leak information about them into training.
+    pixels = {name: split[0].to(device).float() / 255 for name, split in splits.items()}
+    std, mean = (value.item() for value in torch.std_mean(pixels["train"]))  # std comes first
+    normalized = {name: ((pixels[name] - mean) / std, split[1].to(device))
+                  for name, split in splits.items()}
+    return normalized, (mean, std)
 
 
 # %% 3. A look at the data
@@ -106,25 +116,36 @@ def describe_data(splits, mean, std):
 
 
 # %% 4. Batches
-# We train on mini-batches: a few hundred digits per step, in a new random order every epoch.
-# All of MNIST fits in memory, so a batch is a slice of a shuffled list of indices into one big
-# tensor. (Part 2 keeps the classic DataLoader pipeline for comparison: --loader dataloader.)
+# The network learns in *steps*. Each step shows it a mini-batch of digits (256 by default),
+# measures how wrong it is, and nudges its weights. One *epoch* is one pass over all the
+# training digits in a new random order: 55,000 / 256 = 214.8, so 215 steps an epoch (the last
+# batch holds 216 digits), and 2,150 steps in 10 epochs. All of MNIST fits in memory, so a batch
+# is a slice of a shuffled list of indices into one big tensor.
 
 def shift_randomly(images, max_shift, background):
     """Move each digit by up to `max_shift` pixels in x and in y: a cheap, honest augmentation."""
     # A "7" one pixel to the left is still a 7, but to a fully connected network every pixel is
     # a separate input, so it must see shifted digits to learn that. Only training digits move.
-    padded = F.pad(images, (max_shift,) * 4, value=background)  # (B, 28 + 2s, 28 + 2s)
-    windows = [(dy, dx) for dy in range(2 * max_shift + 1) for dx in range(2 * max_shift + 1)]
-    shifted = torch.empty_like(images)                          # (B, 28, 28)
-    for k, (dy, dx) in enumerate(windows):  # every k-th digit gets window k: see Part 2
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s), value=background)  # left, right, top, bottom: (B, 30, 30)
+    # The 28 x 28 window at offset (dy, dx) of a padded digit is the digit moved by (s - dy,
+    # s - dx). There are (2s + 1)^2 = 9 windows for s = 1. Digits k, k + 9, k + 18, ... get
+    # window k ([k::9] takes every 9th from the k-th on): 9 slice copies, not one per digit. The
+    # batch comes in random order, so which digit gets which shift is random too.
+    windows = [(dy, dx) for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
+    shifted = torch.empty_like(images)  # (B, 28, 28)
+    for k, (dy, dx) in enumerate(windows):
         shifted[k::len(windows)] = padded[k::len(windows), dy:dy + IMAGE_SIDE, dx:dx + IMAGE_SIDE]
     return shifted
 
 
-def shuffled_batches(images, labels, batch_size, max_shift, background, generator):
-    """One epoch of (images (B, 28, 28), labels (B,)) batches; the last may be smaller."""
-    order = torch.randperm(len(images), device=images.device, generator=generator)
+def shuffled_batches(images, labels, batch_size, max_shift, background, rng):
+    """One epoch of (images (B, 28, 28), labels (B,)) batches; the last may be smaller.
+    background is a black pixel's value after normalization, -mean / std: shifts pad with it."""
+    # This is a Python generator function: each `yield` hands out one batch. rng is something
+    # else, torch's random-number generator; the order is drawn with it on the CPU, then moved
+    # to the data's device, so that a seed gives the same batches on every device.
+    order = torch.randperm(len(images), generator=rng).to(images.device)
     for start in range(0, len(images), batch_size):
         indices = order[start:start + batch_size]
         batch = images[indices]  # (B, 28, 28)
@@ -134,53 +155,102 @@ def shuffled_batches(images, labels, batch_size, max_shift, background, generato
 
 
 # %% 5. The model
-# A fully connected network: every pixel feeds every unit of the first hidden layer. ReLU,
-# max(0, x), lets the layers build non-linear features. Dropout switches off a random 20% of
-# the units at each training step, so that the network cannot lean on any one of them; it is
-# off (model.eval()) whenever we measure. The model returns logits, one score per digit, with
-# no softmax at the end: cross_entropy applies it itself, in a numerically safer way.
+# A *unit* (a "neuron") computes one number: a weighted sum of its inputs plus a bias. In a
+# fully connected layer every unit sees every input: nn.Linear(784, 128) holds a weight matrix
+# W of 128 x 784 and a bias vector b of 128, and turns each digit x (784 pixels) into W x + b.
+# The weights and biases are the network's *parameters*: the numbers that training adjusts.
+# Between layers sits ReLU(z) = max(0, z). Without it the layers would collapse into one, since
+# W2 (W1 x + b1) + b2 is just another W x + b. Such a stack of fully connected layers is a
+# multi-layer perceptron, an MLP. Dropout zeroes each unit's output with probability 0.2 at each
+# training step, so that the network cannot lean on any one unit, and scales the others by
+# 1 / (1 - 0.2), so that their sum keeps its size; model.eval() switches it off to measure.
+#
+# The last layer gives ten *logits*, one raw score per digit, any real number: the larger, the
+# more the network favours that digit. softmax turns them into probabilities that sum to 1,
+# p_i = e^(z_i) / sum_j e^(z_j). The model stops at the logits, because F.cross_entropy applies
+# log-softmax itself (in a numerically safer way), then takes -ln(p of the right digit). An
+# nn.Softmax at the end of the model would apply softmax twice: training silently gets worse.
 
 class MLP(nn.Module):
     def __init__(self):
-        super().__init__()
+        super().__init__()  # nn.Module's own set-up, which tracks the layers' parameters
         self.layers = nn.Sequential(
             nn.Flatten(),                             # (B, 28, 28) or (B, 1, 28, 28) -> (B, 784)
             nn.Linear(IMAGE_SIDE * IMAGE_SIDE, 128),  # (B, 128): 784 x 128 weights + 128 biases
             nn.ReLU(),
             nn.Dropout(0.2),
-            nn.Linear(128, 64),                       # (B, 64)
+            nn.Linear(128, 64),                       # (B, 64): 128 x 64 + 64
             nn.ReLU(),
             nn.Dropout(0.2),
-            nn.Linear(64, 10),                        # (B, 10): the logits
+            nn.Linear(64, 10),                        # (B, 10), the logits: 64 x 10 + 10
         )
 
-    def forward(self, images):
+    def forward(self, images):  # model(images) calls this (through nn.Module's __call__)
         return self.layers(images)
 
 
 # %% 6. A check before training
-# An untrained network should be equally unsure of all ten digits. Cross-entropy is -ln(the
-# probability given to the right digit), so guessing 1/10 for each scores ln(10) = 2.30. A
-# loss far above that means that the network starts out confidently wrong: look for a bug in
-# the model or in the pixels' scaling before you spend time on training.
+# nn.Linear starts its weights small and random (uniform within +-1/sqrt(inputs)), so the ten
+# logits start close to each other and to 0, and softmax turns ten equal logits into 1/10
+# each: an untrained network is equally unsure of every digit. Cross-entropy then scores
+# -ln(1/10) = ln(10) = 2.30. A loss far above that means that the network starts out
+# confidently wrong: look for a bug in the model or the pixels' scaling before training.
 
 @torch.no_grad()
 def loss_before_training(model, images, labels):
     model.eval()
-    return F.cross_entropy(model(images), labels).item()
+    loss = F.cross_entropy(model(images), labels).item()
+    print(f"loss before training: {loss:.3f} on {len(labels):,} training digits (guessing 1/10 "
+          f"for every digit scores ln(10) = {math.log(10):.3f})")
+    return loss
 
 
-# %% 7. Training
-# One step: predict a batch, measure the loss, let backward() compute how the loss changes
-# with every weight (the gradient), and let the optimizer move each weight a little against its
-# gradient. Adam scales each weight's step by the size of its recent gradients.
+# %% 7. One digit, end to end
+# One training step, for one digit: its pixels go in, ten logits come out, softmax makes them
+# probabilities, and the loss is -ln(the probability of the right digit). backward() then
+# computes the *gradient*: for each parameter w, how fast the loss changes as w changes,
+# dloss/dw. The optimizer moves every weight a little against its gradient, downhill. We try it
+# on a copy of the model with dropout off, so that training stays exactly as it would be.
+
+def trace_one_digit(model, image, label, lr):
+    """Print one digit's logits, probabilities and loss, and one Adam step of one weight."""
+    model = copy.deepcopy(model).eval()  # a copy: the real model never sees this step
+    logits = model(image[None])[0]  # image[None] is a batch of one: (1, 28, 28) -> (1, 10) -> (10,)
+    probabilities = logits.softmax(dim=0)  # (10,), summing to 1
+    loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
+    loss.backward()  # fills each parameter's .grad
+    weights = model.layers[1].weight  # the first layer's (128, 784) weights
+    # The weight with the largest gradient: the one that unit `unit` gives pixel `pixel`.
+    unit, pixel = divmod(weights.grad.abs().argmax().item(), weights.shape[1])
+    before, gradient = weights[unit, pixel].item(), weights.grad[unit, pixel].item()
+    torch.optim.Adam(model.parameters(), lr=lr).step()
+    after = weights[unit, pixel].item()
+    label = label.item()
+    print(f"one training digit, a {label}, through a copy of the model with dropout off:\n"
+          f"  logits        {' '.join(f'{z:6.2f}' for z in logits.tolist())}\n"
+          f"  probabilities {' '.join(f'{p:6.3f}' for p in probabilities.tolist())}\n"
+          f"  loss -ln(p[{label}]) = -ln({probabilities[label]:.3f}) = {loss.item():.3f}\n"
+          f"  first-layer weight [{unit}, {pixel}] (unit {unit}, pixel row {pixel // IMAGE_SIDE}, "
+          f"column {pixel % IMAGE_SIDE}): {before:+.5f}, its gradient {gradient:+.5f}\n"
+          f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}: by about lr, against the gradient")
+    return probabilities, (before, gradient, after)
+
+
+# %% 8. Training
+# A step: predict a batch, measure the loss (the mean over the batch), let backward() compute
+# its gradient, and let the optimizer move the weights. Plain gradient descent (SGD) moves each
+# weight by w <- w - lr * dloss/dw: the *learning rate* lr sets the size of the steps. Adam
+# (Kingma and Ba, 2015) keeps two moving averages per weight, m of its gradient and v of the
+# gradient's square, and moves it by lr * m / (sqrt(v) + 1e-8), after correcting both averages
+# for starting at 0. Dividing by sqrt(v), the gradient's typical size, makes each step about lr
+# or smaller, whatever the gradient's scale: that is why SGD needs a far larger learning rate.
 
 def train_one_epoch(model, batches, optimizer, scheduler):
     """One pass over the training batches. Returns (mean loss, accuracy) over every example."""
     model.train()  # dropout on
     device = next(model.parameters()).device
-    # The running totals stay on the device: .item() on every batch would make the CPU wait for
-    # the GPU each time. Each batch's loss counts by its size, as the last batch is smaller.
+    # Each batch's loss counts by its size, as the last batch is smaller. The totals stay
+    # tensors until the end: .item() would make the CPU wait for a GPU at every batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
@@ -188,7 +258,7 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         images, labels = images.to(device), labels.to(device)  # a no-op for in-memory batches
         logits = model(images)                                 # (B, 10)
         loss = F.cross_entropy(logits, labels)                 # the mean over the batch
-        optimizer.zero_grad()
+        optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -199,14 +269,13 @@ def train_one_epoch(model, batches, optimizer, scheduler):
 
 
 def make_scheduler(optimizer, schedule, total_steps):
-    """How the learning rate moves over the run, one step per batch."""
+    """How the learning rate moves over the run, one step per batch (training_curves.png)."""
     if schedule == "one-cycle":
         # Warm up from lr/25 to the peak --lr over the first 15% of the steps, then anneal to
         # almost zero: big steps early cover ground, tiny steps late settle into a minimum
-        # instead of bouncing around it. OneCycleLR also moves Adam's beta1 (how much of past
-        # gradients each step keeps) the other way, from 0.95 down to 0.85 and back: less
-        # momentum while the steps are big. Holding it at 0.9 (cycle_momentum=False) validated
-        # no better, so we keep torch's default.
+        # instead of bouncing around it. OneCycleLR also moves Adam's beta1 (how much of the
+        # past gradients m keeps) the other way, from 0.95 down to 0.85 and back up: less
+        # momentum while the steps are big. Holding it at 0.9 validated no better.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
             pct_start=0.15)
@@ -215,9 +284,10 @@ def make_scheduler(optimizer, schedule, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-# %% 8. Evaluation
-# To measure, switch dropout off (model.eval()) and keep no gradients (torch.no_grad()), which
-# makes big chunks cheap: 10,000 x 784 floats are only 31 MB.
+# %% 9. Evaluation
+# To measure, switch dropout off (model.eval()) and gradients off (torch.no_grad()). Without
+# gradients, autograd keeps none of the layers' intermediate results for a backward pass, which
+# saves memory and time.
 
 @torch.no_grad()
 def evaluate(model, images, labels, chunk=10_000):
@@ -225,26 +295,27 @@ def evaluate(model, images, labels, chunk=10_000):
     model.eval()
     logits = torch.cat([model(images[start:start + chunk])
                         for start in range(0, len(images), chunk)])  # (N, 10)
-    # softmax turns the logits into probabilities; the largest is the prediction's confidence.
+    # .max(dim=1) returns two tensors: the largest probability in each row, and where it is.
     confidences, predictions = logits.softmax(dim=1).max(dim=1)      # (N,), (N,)
     return {"loss": F.cross_entropy(logits, labels).item(),
             "accuracy": (predictions == labels).sum().item() / len(labels),
             "predictions": predictions.cpu(), "confidences": confidences.cpu()}
 
 
-# %% 9. The training loop
+# %% 10. The training loop
 # Each epoch trains on every training digit once, then scores the validation digits. The train
 # numbers are running averages, taken with dropout on and shifted digits while the weights
 # still move, so they can sit below the validation numbers. If validation stops improving while
 # train keeps rising, the model has begun to memorize its training digits: it overfits.
 
 def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
-    """Train; return one history row per epoch. validation is (images, labels) or None."""
+    """Train; return one history row per epoch. epoch_batches() gives one epoch's batches;
+    validation is (images, labels), or None."""
     history = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy = train_one_epoch(model, epoch_batches(), optimizer, scheduler)
-        if not train_loss < 10 * math.log(10):  # ten times a random guess's loss, or NaN
+        if math.isnan(train_loss) or train_loss > 10 * math.log(10):  # 10 x a guess's loss
             raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch} (a "
                             "guess scores 2.30): training has diverged, most likely because the "
                             "learning rate is too high. Try a smaller --lr, such as 1e-3.",
@@ -260,12 +331,12 @@ def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
     return history
 
 
-# %% 10. The test set, scored once
+# %% 11. The test set, scored once
 # Only now, with every choice made, do we look at the test digits, once. We also measure the
 # training digits again, with dropout off and no shifts, to compare train and test fairly.
 
 def final_scores(model, splits):
-    """Score every split once. Returns (the scores for metrics.json, the test evaluation)."""
+    """Score every split once and print the test report. Returns (scores, test evaluation)."""
     results = {name: evaluate(model, images, labels) for name, (images, labels) in splits.items()}
     test, test_labels = results["test"], splits["test"][1].cpu()
     # Per digit: precision (of the digits predicted as d, how many were d), recall (of the
@@ -273,31 +344,38 @@ def final_scores(model, splits):
     # for a digit that a tiny test set lacks; zero_division=0 scores one never predicted as 0.
     report = classification_report(test_labels, test["predictions"], labels=range(10),
                                    zero_division=0, output_dict=True)
+    per_class = {}
+    print("\ndigit  precision  recall      F1  support (the test set)")
+    for digit in map(str, range(10)):
+        row = report[digit]
+        per_class[digit] = {"precision": row["precision"], "recall": row["recall"],
+                            "f1": row["f1-score"], "support": int(row["support"])}
+        print(f"{digit:>5} {row['precision']:10.4f} {row['recall']:7.4f} {row['f1-score']:7.4f} "
+              f"{int(row['support']):8}")
     scores = {"train_accuracy": results["train"]["accuracy"]}
     if "validation" in results:
         scores.update(val_accuracy=results["validation"]["accuracy"],
                       val_loss=results["validation"]["loss"])
-    return {**scores, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "per_class": {digit: {"precision": report[digit]["precision"],
-                                  "recall": report[digit]["recall"],
-                                  "f1": report[digit]["f1-score"],
-                                  "support": int(report[digit]["support"])}
-                          for digit in map(str, range(10))},
-            # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
-            "confusion_matrix": confusion_matrix(test_labels, test["predictions"],
-                                                 labels=range(10)).tolist()}, test
+    scores.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
+    print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in results.items()))
+    # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
+    matrix = confusion_matrix(test_labels, test["predictions"], labels=range(10)).tolist()
+    return {**scores, "per_class": per_class, "confusion_matrix": matrix}, test
 
 
-# %% 11. Reports
-# A run writes metrics.json and five figures (Part 2 draws them and writes all or none): digits.png
-# shows the first training digits; the confusion matrix, which digit was taken for which; the
-# training curves, train against validation; misclassified.png, the test digits the model got most
-# confidently wrong. first_layer.png shows what the network learned: each first-layer unit weighs
-# the 784 pixels, so its weights form a 28 x 28 picture, red where ink raises the unit and blue
-# where it lowers it. Look for stroke-like detectors, and for the speckled border: MNIST's border
-# pixels are always black, so their weights get no gradient.
+# %% 12. Reports
+# A run writes metrics.json and five figures (Part 2 draws them and writes all or none):
+# digits.png, the first training digits; training_curves.png, train against validation per
+# epoch, and the learning rate per step; confusion_matrix.png, which digit was taken for which;
+# misclassified.png, the test digits the model got most confidently wrong. first_layer.png shows
+# what the network learned: each first-layer unit weighs the 784 pixels, so its weights form a
+# 28 x 28 picture, red where ink raises the unit and blue where it lowers it. Look for
+# stroke-like detectors, and for the speckled border. A border pixel is black in nearly every
+# digit, which is -0.42 after normalization, not 0, so its weights do get gradients. But every
+# always-black pixel gets the same gradient (-0.42 times that of the unit's bias), and so the
+# same update: the random differences they started with never fade.
 
-# %% 12. Your own handwriting
+# %% 13. Your own handwriting
 # A model knows only the kind of data it was trained on. MNIST digits are white ink on black,
 # scaled so that their longer side is 20 pixels, with soft grey edges, and placed so that their
 # centre of mass sits at the centre of the 28 x 28 field. A photo resized straight to 28 x 28
@@ -351,90 +429,63 @@ def predict(model, digits, mean, std):
     return predicted, confidences
 
 
-def predict_files(paths, output_dir):
-    """--predict: print the digit read in each image; draw them as the network sees them."""
-    # Part 2 reloads the model.pt and the normalization in metrics.json that training saved.
-    model, (mean, std) = load_trained_model(output_dir)
-    prepare_output_dir(output_dir)
-    files = [file for path in paths for file in image_files(path)]  # a folder: its images
-    # Every image is read and prepared before anything is predicted, so that bad input stops
-    # the run with one clear line and leaves no half-done output.
-    digits = torch.stack([prepare_digit(open_image(file), name=file) for file in files])
-    predicted, confidences = predict(model, digits, mean, std)
-    titles = []
-    for file, digit, confidence in zip(files, predicted.tolist(), confidences.tolist()):
-        print(f"{file}: {digit} ({confidence:.1%})")  # for example "my-seven.png: 7 (99.2%)"
-        titles.append(f"{file.stem[:16]}\n{digit} ({confidence:.1%})")
-    figure = plot_grid(digits, titles, "Your digits as the network sees them", columns=8)
-    written = write_all_or_nothing(output_dir, {"predictions.png": figure})
-    print(f"wrote {written[0]}", file=sys.stderr)  # stdout stays one line per image
-    return predicted, confidences
-
-
-# %% 13. Putting it together: main() reads the flags (Part 2; see --help), then trains or predicts
+# %% 14. Putting it together: main() reads the flags (see --help), then trains or predicts.
+# These two functions plug in Part 2's helpers, each marked "Part 2" where it is called.
 
 def train_and_report(args):
     """Train, score and write the reports, as the flags say. Returns the metrics."""
     started = time.perf_counter()
-    device = pick_device(args.device)
-    prepare_output_dir(args.output_dir)
-    # One seed fixes the initial weights, the dropout masks, the batch order and the shifts:
-    # the same seed, CPU type and torch version give the same numbers. Another CPU type or a
-    # GPU may add numbers up in another order, and the tiny rounding differences grow over
-    # thousands of steps, so expect agreement to about 0.1% there, not digit for digit.
+    device = pick_device(args.device)  # Part 2: a GPU must first pass a test step
+    prepare_output_dir(args.output_dir)  # Part 2: fail now, not after training
+    # One seed fixes the first weights, the dropout masks and the batch order, on one CPU type and
+    # torch version; elsewhere sums round differently (a GPU draws its own masks): expect ~0.1%.
     torch.manual_seed(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = {**vars(args), "data_dir": str(args.data_dir), "output_dir": str(args.output_dir),
-                "device_used": str(device), "torch_version": torch.__version__}
-    print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
-    splits, (mean, std) = load_mnist(args.data_dir, args.validation_size, device)
-    if args.dry_run:  # a smoke test: one epoch of three batches, scored on 1,000 digits
-        splits = {name: tuple(tensor[:3 * args.batch_size if name == "train" else 1000]
-                              for tensor in split) for name, split in splits.items()}
+    rng = torch.Generator().manual_seed(args.seed)  # the batch order, drawn on the CPU
+    settings = print_settings(args, device)  # Part 2
+    with explain_mnist_failures(args.data_dir):  # Part 2: missing or damaged files, one line
+        splits, (mean, std) = load_mnist(args.data_dir, args.validation_size, device)
+    if args.dry_run:
+        splits = smoke_test_splits(splits, args.batch_size)  # Part 2: a few digits, quickly
     describe_data(splits, mean, std)
     model = MLP().to(device)
-    print(f"{model}\nparameters: {sum(weights.numel() for weights in model.parameters()):,}, "
-          f"on the {device} (--device {args.device})")
+    print(f"{model}\nparameters: {sum(weights.numel() for weights in model.parameters()):,}")
     train_images, train_labels = splits["train"]
-    initial_loss = loss_before_training(model, train_images[:5000], train_labels[:5000])
-    print(f"loss before training: {initial_loss:.3f} on 5,000 training digits, enough for a check "
-          f"(guessing uniformly among 10 digits scores ln(10) = {math.log(10):.3f})")
+    loss_before_training(model, train_images[:5000], train_labels[:5000])
+    trace_one_digit(model, train_images[0], train_labels[0], args.lr)
     epochs = 1 if args.dry_run else args.epochs
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # fused: Part 2
-    scheduler = make_scheduler(optimizer, args.lr_schedule,
-                               epochs * math.ceil(len(train_images) / args.batch_size))
-    loader = make_dataloader(args, len(train_images), (mean, std)) \
-        if args.loader == "dataloader" else None  # the classic pipeline, for comparison
-
-    def epoch_batches():  # -mean / std is a black pixel: what shifted digits are padded with
-        return loader if loader is not None else shuffled_batches(
-            train_images, train_labels, args.batch_size, args.max_shift, -mean / std, generator)
+    total_steps = epochs * math.ceil(len(train_images) / args.batch_size)  # 2,150 by default
+    # fused=True: one kernel updates all the weights at once; the same arithmetic, faster.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
+    # partial(f, a, b) is f with its arguments filled in: each call starts one epoch's batches.
+    epoch_batches = functools.partial(shuffled_batches, train_images, train_labels,
+                                      args.batch_size, args.max_shift, -mean / std, rng)
+    if args.loader == "dataloader":  # Part 2: the classic pipeline; iter() starts its epoch
+        epoch_batches = functools.partial(iter, make_dataloader(args, len(train_images), mean, std))
     history = train(model, optimizer, scheduler, epoch_batches, epochs, splits.get("validation"))
-
     scores, test = final_scores(model, splits)
     metrics = {"settings": settings, "normalization": {"mean": mean, "std": std},
-               "history": history, **scores}
-    print("\n" + classification_report(splits["test"][1].cpu(), test["predictions"],
-                                       labels=range(10), digits=4, zero_division=0))
-    print(", ".join(f"{split} accuracy {metrics[split + '_accuracy']:.2%}"
-                    for split in ("train", "val", "test") if split + "_accuracy" in metrics))
-    figures = draw_reports(metrics, model, splits, test)
+               "steps": total_steps, "history": history, **scores}
+    figures = draw_reports(metrics, model, splits, test)  # Part 2
     metrics["seconds"] = time.perf_counter() - started  # the whole run but the writing itself
-    reports = {**figures, "model.pt": model, "metrics.json": metrics}
-    written = write_all_or_nothing(args.output_dir, reports)
+    written = write_all_or_nothing(args.output_dir,  # Part 2: all reports, or none
+                                   {**figures, "model.pt": model, "metrics.json": metrics})
     print(f"{metrics['seconds']:.1f} s; wrote " + ", ".join(map(str, written)))
     return metrics
 
 
 def main(argv=None):
     """`python mnist.py ...` in a shell, `%run mnist.py ...` in a notebook, or main([...])."""
-    args = parse_args(command_line_flags() if argv is None else argv)
+    never_crash_on_printing()  # Part 2: a narrow console (Windows' cp1252) may lack a character
+    args = parse_args(command_line_flags() if argv is None else argv)  # Part 2
     result = None
     try:
-        result = predict_files(args.predict, args.output_dir) if args.predict else \
-            train_and_report(args)
+        if args.predict:
+            result = predict_files(args.predict, args.output_dir)
+        else:
+            result = train_and_report(args)
         if args.show:
-            plt.show()  # waits until you close the windows
+            show_figures(args.output_dir)  # Part 2: in windows, in a notebook, or a note why not
         return result
     except UserError as error:
         print(f"mnist.py: error: {error}", file=sys.stderr)
@@ -452,82 +503,79 @@ def main(argv=None):
 # Part 2. The appendix: what a real tool needs besides the lesson. Skip it on a first read.
 # =============================================================================================
 
-# %% A. Errors a user can fix, and checks of the MNIST files
-# A problem the user can fix ends in one line that says what to do, with no traceback, and an
-# exit code: 2 for bad input (as argparse uses for bad flags), 1 for anything else.
-
-class UserError(Exception):
-    def __init__(self, message, exit_code=2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
+# %% A. Checks of the MNIST files, and a failed download
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",  # 60,000 training digits
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")   # 10,000 test digits
 
 
-def check_idx_file(path):
-    """Raise UserError if an unpacked MNIST file is damaged; else return its number of items."""
-    # An IDX file is a 4-byte "magic number" (2051 for images, 2049 for labels: its last byte
-    # is the number of dimensions), a 4-byte big-endian size per dimension, then one byte per
-    # pixel or label. A cut-short unpack or copy would otherwise fail deep inside torchvision.
-    dimensions = 3 if "images" in path.name else 1
-    with open(path, "rb") as file:
-        header, labels = file.read(4 + 4 * dimensions), file.read() if dimensions == 1 else b""
-    magic, *sizes = struct.unpack(f">{1 + dimensions}I", header.ljust(4 + 4 * dimensions))
-    size, expected = path.stat().st_size, len(header) + math.prod(sizes)
-    if len(header) < 4 + 4 * dimensions:
-        problem = f"it is only {size} bytes long"
-    elif magic != 2048 + dimensions:
-        problem = f"its magic number is {magic}, not {2048 + dimensions}"
-    elif size != expected:
-        problem = f"it has {size:,} bytes where its header promises {expected:,}"
-    elif max(labels, default=0) > 9:
-        problem = "it holds labels outside 0-9, so it is not an MNIST label file"
-    else:
-        return sizes[0]
-    raise UserError(f"{path} is damaged: {problem}. Delete it and run again; it is then unpacked "
-                    "again from its .gz, or downloaded afresh.")
-
-
 @contextlib.contextmanager
-def mnist_file_checks(data_dir, train):
-    """Check a split's unpacked files before torchvision reads them; explain a failed download."""
-    # (.gz files need no check here: torchvision checks their MD5 sums before unpacking them.)
+def explain_mnist_failures(data_dir):
+    """Check the unpacked MNIST files before torchvision loads them; explain a failed download."""
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds (or will "
                         "hold) MNIST/raw/, for example --data-dir data")
     raw_folder = Path(data_dir).resolve() / "MNIST" / "raw"
-    images, labels = (raw_folder / name for name in MNIST_FILES[0 if train else 2:][:2])
-    counts = [check_idx_file(path) for path in (images, labels) if path.is_file()]
-    if len(counts) == 2 and counts[0] != counts[1]:
-        raise UserError(f"{images} holds {counts[0]:,} images but {labels.name} holds "
-                        f"{counts[1]:,} labels; they must come from the same MNIST download. "
-                        "Delete both and run again.")
+    # (.gz files need no check here: torchvision checks their MD5 sums before unpacking them.)
+    for images_name, labels_name in (MNIST_FILES[:2], MNIST_FILES[2:]):
+        check_mnist_pair(raw_folder / images_name, raw_folder / labels_name)
     try:
         yield
     except (RuntimeError, OSError) as error:  # no network, HTTP 403 or 503, SSL, a full disk...
         raise UserError(explain_download_failure(raw_folder, error), exit_code=1) from None
 
 
+def read_mnist_file(path):
+    """The tensor in an unpacked MNIST file, read by torchvision's own parser; None if absent."""
+    if not path.is_file():
+        return None
+    mnist_module = torchvision.datasets.mnist
+    read = mnist_module.read_image_file if "images" in path.name else mnist_module.read_label_file
+    try:
+        return read(str(path))
+    except Exception:  # cut short, a wrong magic number: torchvision's own checks fail
+        raise damaged(path, "torchvision cannot read it, as when an unpack or a copy was cut "
+                      "short") from None
+
+
+def damaged(path, problem):
+    return UserError(f"{path} is damaged: {problem}. Delete it and run again; it is then "
+                     "unpacked again from its .gz, or downloaded afresh.")
+
+
+def check_mnist_pair(images_path, labels_path):
+    """Raise UserError unless the split's files that exist hold 28 x 28 images, labels 0-9,
+    and as many images as labels."""
+    images, labels = read_mnist_file(images_path), read_mnist_file(labels_path)
+    if images is not None and images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise damaged(images_path, f"its images are {images.shape[1]} x {images.shape[2]} pixels, "
+                      "not 28 x 28, so it is not an MNIST image file")
+    if labels is not None and len(labels) > 0 and labels.max() > 9:
+        raise damaged(labels_path, "it holds labels outside 0-9, so it is not an MNIST label file")
+    if images is not None and labels is not None and len(images) != len(labels):
+        raise UserError(f"{images_path} holds {len(images):,} images but {labels_path.name} holds "
+                        f"{len(labels):,} labels; they must come from the same MNIST download. "
+                        "Delete both and run again.")
+
+
 def explain_download_failure(raw_folder, error):
     """Turn a failed download into one message that says exactly which files to put where."""
     expected_md5 = dict(torchvision.datasets.MNIST.resources)  # {"train-images-...gz": md5}
-    missing, damaged, renames = [], [], []
+    missing, damaged_files, renames = [], [], []
     for name in MNIST_FILES:
         packed, dotted = raw_folder / f"{name}.gz", raw_folder / name.replace("-idx", ".idx")
         if (raw_folder / name).is_file():
             continue
         if packed.is_file():
             if not torchvision.datasets.utils.check_integrity(packed, expected_md5[packed.name]):
-                damaged.append(packed.name)
+                damaged_files.append(packed.name)
         elif dotted.is_file():  # as some unzip tools and file managers name them
             renames.append(f"{dotted.name} to {name}")
         else:
             missing.append(name)
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     problems = [f"missing: {', '.join(missing)}"] if 0 < len(missing) < len(MNIST_FILES) else []
-    problems += [f"damaged, with the wrong MD5 sum: {', '.join(damaged)}"] if damaged else []
+    problems += [f"damaged, with the wrong MD5 sum: {', '.join(damaged_files)}"] if damaged_files else []
     problems += [f"rename {', '.join(renames)}"] if renames else []
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         problems.append("with python.org's Python on macOS, run 'Install Certificates.command'")
@@ -537,7 +585,26 @@ def explain_download_failure(raw_folder, error):
             "folder that holds MNIST/raw/.")
 
 
-# %% B. For --predict: reading your images, and the trained model
+# %% B. For --predict: reading your images and the trained model, and the run itself
+
+def predict_files(paths, output_dir):
+    """--predict: print the digit read in each image; draw them as the network sees them."""
+    model, (mean, std) = load_trained_model(output_dir)
+    prepare_output_dir(output_dir)
+    files = [file for path in paths for file in image_files(path)]  # a folder: its images
+    # Every image is read and prepared before anything is predicted, so that bad input stops
+    # the run with one clear line and leaves no half-done output.
+    digits = torch.stack([prepare_digit(open_image(file), name=file) for file in files])
+    predicted, confidences = predict(model, digits, mean, std)
+    titles = []
+    for file, digit, confidence in zip(files, predicted.tolist(), confidences.tolist()):
+        print(f"{file}: {digit} ({confidence:.1%})")  # for example "my-seven.png: 7 (99.2%)"
+        titles.append(f"{file.stem[:16]}\n{digit} ({confidence:.1%})")
+    figure = plot_grid(digits, titles, "Your digits as the network sees them", columns=8)
+    written = write_all_or_nothing(output_dir, {"predictions.png": figure})
+    print(f"wrote {written[0]}", file=sys.stderr)  # stdout stays one line per image
+    return predicted, confidences
+
 
 def image_files(path):
     """[path] for a file; for a folder, the image files in it, in sorted order."""
@@ -545,8 +612,9 @@ def image_files(path):
         raise UserError(f"{path} does not exist; give an image file, or a folder of them")
     if not path.is_dir():
         return [path]
-    files = sorted(file for file in path.iterdir()
-                   if file.is_file() and file.suffix.lower() in Image.registered_extensions())
+    # Hidden files are skipped: macOS leaves ._name.png copies on exFAT and network drives.
+    files = sorted(file for file in path.iterdir() if file.is_file() and not
+                   file.name.startswith(".") and file.suffix.lower() in Image.registered_extensions())
     if not files:
         raise UserError(f"{path} is a folder with no image files in it; give PNG or JPEG files")
     return files
@@ -583,14 +651,14 @@ def load_trained_model(output_dir):
 
 
 # %% C. Writing all or nothing
-# A crash or a Ctrl-C halfway through writing must not leave a mix of old and new reports.
+# A crash, a Ctrl-C or a file held open must not leave a mix of old and new reports.
 
 def write_all_or_nothing(output_dir, contents):
     """contents maps each file name to a figure (.png), a model (.pt) or plain data (.json)."""
     # Each file is first written to a hidden temporary file in the same folder; only when all
-    # of them exist are they renamed over the old ones. os.replace is atomic on one file
-    # system: a reader sees the old file or the new one, never half of each.
-    temporary = {}
+    # of them exist are they renamed over the old ones, each old one kept aside until the end.
+    # os.replace is atomic on one file system: a reader sees the old file or the new one.
+    temporary, replaced, target = {}, [], None
     try:
         for name, content in contents.items():
             temporary[name] = path = output_dir / f".{name}.partial"
@@ -601,10 +669,24 @@ def write_all_or_nothing(output_dir, contents):
             else:
                 path.write_text(json.dumps(content, indent=2) + "\n")
         for name, path in temporary.items():
-            os.replace(path, output_dir / name)
+            target = output_dir / name
+            if target.exists():
+                os.replace(target, output_dir / f".{name}.old")
+            replaced.append(name)
+            os.replace(path, target)
+    except BaseException as error:
+        for name in reversed(replaced):  # put the previous run's files back
+            old, new = output_dir / f".{name}.old", output_dir / name
+            os.replace(old, new) if old.exists() else new.unlink(missing_ok=True)
+        if isinstance(error, PermissionError):  # Windows: a viewer, OneDrive or a virus scan
+            raise UserError(f"cannot replace {target}: another program holds it open. Close it "
+                            f"and run again; {output_dir} still holds the previous run's files.",
+                            exit_code=1) from None
+        raise
     finally:
-        for path in temporary.values():
+        for name, path in temporary.items():
             path.unlink(missing_ok=True)  # only left over if something failed
+            (output_dir / f".{name}.old").unlink(missing_ok=True)
     return [output_dir / name for name in contents]
 
 
@@ -622,7 +704,24 @@ def prepare_output_dir(output_dir):
                         "folder you can write to") from None
 
 
-# %% D. Flags and devices
+# %% D. Flags, devices and the console
+
+def print_settings(args, device):
+    """Print every setting of the run, and return them for metrics.json."""
+    settings = {**vars(args), "data_dir": str(args.data_dir), "output_dir": str(args.output_dir),
+                "device_used": str(device), "torch_version": torch.__version__}
+    print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
+    return settings
+
+
+def smoke_test_splits(splits, batch_size):
+    """--dry-run: three batches of training digits, and at most 1,000 of each other split."""
+    smaller = {}
+    for name, (images, labels) in splits.items():
+        size = 3 * batch_size if name == "train" else 1000
+        smaller[name] = (images[:size], labels[:size])
+    return smaller
+
 
 def number(kind, low, high, description):
     """An argparse type: a number of `kind` from low to high, or a clear one-line error."""
@@ -667,7 +766,7 @@ def parse_args(argv):
     run.add_argument("--predict", nargs="+", type=Path, metavar="IMAGE", help="read these images "
                      "(or folders of them) with the model in --output-dir, instead of training")
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                     help="auto picks cuda, then mps, then cpu")
+                     help="auto picks the first of cuda and mps that works, else cpu")
     run.add_argument("--loader", choices=["tensors", "dataloader"], default="tensors",
                      help="tensors: batches sliced from memory; dataloader: the classic pipeline")
     run.add_argument("--data-dir", type=Path, default=Path("data"), help="holds MNIST/raw/")
@@ -689,19 +788,67 @@ def command_line_flags():
 
 
 def pick_device(name):
-    """A torch.device; "auto" prefers an NVIDIA GPU, then an Apple GPU, then the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        name = next((kind for kind, ok in available.items() if ok), "cpu")
-    elif name != "cpu" and not available[name]:
-        raise UserError(f"--device {name} was asked for, but torch {torch.__version__} finds no "
-                        f"{name} device here; use --device auto to take the best one available")
-    return torch.device(name)
+    """A torch.device: the one asked for, or for "auto" the first GPU that works, else the CPU."""
+    # torch can report a GPU that it cannot use: a CUDA build may not support an old GPU, and
+    # MPS may lack an operation. So a GPU must first run one training step (gpu_problem).
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "auto":
+        problem = gpu_problem(name) if found[name] else f"torch finds no {name} device here"
+        if problem:
+            build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else
+                     "built for Apple's MPS" if torch.backends.mps.is_built() else "a CPU-only build")
+            raise UserError(f"--device {name} was asked for, but {problem} (torch "
+                            f"{torch.__version__}, {build}). Use --device cpu, or install the "
+                            "torch build for your GPU: see README.md, 'Install'")
+        return torch.device(name)
+    for kind in ("cuda", "mps"):
+        problem = gpu_problem(kind) if found[kind] else "not found"
+        if problem is None:
+            return torch.device(kind)
+        if found[kind]:
+            print(f"mnist.py: the {kind} device failed a test step ({problem}); the run "
+                  "continues on the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def gpu_problem(kind):
+    """None if one training step of the MLP runs on this device; else the error's first line."""
+    try:
+        model = MLP().to(kind)
+        optimizer = torch.optim.Adam(model.parameters(), fused=True)  # as training does
+        images = shift_randomly(torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, device=kind), 1, 0.0)
+        F.cross_entropy(model(images), torch.zeros(2, dtype=torch.long, device=kind)).backward()
+        optimizer.step()
+        next(model.parameters()).sum().item()  # waits for the GPU, so that its errors show here
+        return None
+    except Exception as error:  # RuntimeError, NotImplementedError, torch.AcceleratorError...
+        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def never_crash_on_printing():
+    """Print a character the console cannot show as a \\u escape, instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):  # Windows' cp1252 console has no "数" in 数字七.png
+        if hasattr(stream, "reconfigure"):  # notebooks' streams have no encoding to fix
+            stream.reconfigure(errors="backslashreplace")
+
+
+def show_figures(output_dir):
+    """--show: open the figures in windows (inline in a notebook), or say why none can open."""
+    backend = matplotlib.get_backend()
+    # The non-interactive backends (matplotlib picks agg where no display exists: ssh, Docker,
+    # `!python` in Colab) would show nothing, silently.
+    if backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template"):
+        print(f"--show: no window can open here (matplotlib's backend is {backend}); the "
+              f"figures are PNG files in {output_dir}")
+    else:
+        plt.show()  # waits until you close the windows
 
 
 # %% E. The classic DataLoader pipeline, kept for comparison (--loader dataloader)
 
-def make_dataloader(args, limit, normalization):
+def make_dataloader(args, limit, mean, std):
     """Per-image transforms in a DataLoader, over the same training digits as the tensors."""
     # Every epoch it turns every digit into a PIL image, crops it (the same random shift), makes
     # it a (1, 28, 28) tensor and normalizes it, one digit at a time in Python: that is why it
@@ -709,7 +856,7 @@ def make_dataloader(args, limit, normalization):
     transforms = torchvision.transforms
     steps = [transforms.RandomCrop(IMAGE_SIDE, padding=args.max_shift)] if args.max_shift else []
     steps += [transforms.ToTensor(),  # PIL uint8 (28, 28) -> float (1, 28, 28) in [0, 1]
-              transforms.Normalize(*([value] for value in normalization))]
+              transforms.Normalize([mean], [std])]
     dataset = torchvision.datasets.MNIST(args.data_dir, transform=transforms.Compose(steps))
     train, _ = split_indices(len(dataset), args.validation_size)
     # num_workers=0: worker processes would compete with training for the same CPU cores, and
@@ -719,7 +866,7 @@ def make_dataloader(args, limit, normalization):
         shuffle=True, generator=torch.Generator().manual_seed(args.seed))
 
 
-# %% F. Drawing the figures (section 11 says what to look for in them)
+# %% F. Drawing the figures (section 12 says what to look for in them)
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
@@ -759,16 +906,37 @@ def plot_first_layer(model, columns=16):
     return figure
 
 
-def plot_training_curves(history):
-    figure, all_axes = plt.subplots(1, 2, figsize=(10, 4))
+def schedule_per_step(lr, schedule, total_steps):
+    """The learning rate and Adam's beta1 at every step: the run's own scheduler, replayed."""
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = make_scheduler(optimizer, schedule, total_steps)
+    rates, beta1 = [], []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        beta1.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()  # there is no gradient, so nothing moves: this keeps torch's order
+        scheduler.step()
+    return rates, beta1
+
+
+def plot_training_curves(history, rates, beta1):
+    figure, all_axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     for axes, measure in zip(all_axes, ("loss", "accuracy")):
         for split, label in (("train", "train (dropout on, shifted)"), ("val", "validation")):
             if f"{split}_{measure}" in history[0]:
                 axes.plot([row["epoch"] for row in history],
-                          [row[f"{split}_{measure}"] for row in history], "o-", label=label)
+                          [row[f"{split}_{measure}"] for row in history], "o-", markersize=3,
+                          label=label)
         axes.set(xlabel="epoch", title=measure)
         axes.grid(alpha=0.3)
         axes.legend()
+    rate_axes, beta_axes = all_axes[2], all_axes[2].twinx()  # two scales, one on each side
+    rate_axes.plot(range(1, len(rates) + 1), rates, color="C0")
+    beta_axes.plot(range(1, len(beta1) + 1), beta1, color="C1")
+    rate_axes.set(xlabel="step", title="the schedule, per step")
+    rate_axes.set_ylabel("learning rate", color="C0")
+    beta_axes.set_ylabel("Adam's beta1", color="C1")
+    rate_axes.grid(alpha=0.3)
     return figure
 
 
@@ -784,11 +952,13 @@ def draw_reports(metrics, model, splits, test):
                 ax=matrix_axes)
     matrix_axes.set(xlabel="predicted digit", ylabel="true digit",
                     title="Confusion matrix on the test set (off the diagonal: mistakes)")
+    settings = metrics["settings"]
+    schedule = schedule_per_step(settings["lr"], settings["lr_schedule"], metrics["steps"])
     return {
         "digits.png": plot_grid(train_images, train_labels.tolist(),
                                 "The first training digits, and their labels", columns=10),
         "confusion_matrix.png": matrix_figure,
-        "training_curves.png": plot_training_curves(metrics["history"]),
+        "training_curves.png": plot_training_curves(metrics["history"], *schedule),
         "misclassified.png": plot_grid(
             test_images[wrong], [f"{test_labels[i]} → {test['predictions'][i]} "
                                  f"({test['confidences'][i]:.0%})" for i in wrong.tolist()],
@@ -799,18 +969,13 @@ def draw_reports(metrics, model, splits, test):
 
 
 # %% G. Speed notes
-# - Start-up. torch, scipy (under seaborn and scikit-learn) and sympy (under torchvision)
-#   create millions of Python objects as they are imported, none of them garbage. Python's
-#   cyclic garbage collector would scan them again and again while they load, and once more at
-#   exit. So section 1 pauses it for the imports, then freezes what was imported (the collector
-#   ignores frozen objects) and switches it back on: import and exit take 4.2 s, not 6.3 s.
 # - Data. All of MNIST is only 70,000 x 784 bytes, so it is prepared once, as tensors on the
 #   device; a batch is then a slice, with no per-image Python and no copies to the device.
-# - Shifts. shift_randomly cuts one window per group of digits, not one per digit: the batch
-#   arrives in random order, so giving every k-th digit window k is as random as drawing a
-#   window for each, and it costs (2 s + 1)^2 slice copies instead of a gather per pixel.
+# - Shifts. shift_randomly cuts one window per group of digits, not one per digit (section 4):
+#   (2s + 1)^2 slice copies per batch instead of a gather per pixel.
 # - Adam. fused=True updates all the weights in one kernel instead of a dozen small operations
 #   per tensor: the same arithmetic with less overhead, which dominates for 109,386 weights.
+#   torch has it on CUDA, on the CPU from 2.4 and on MPS from 2.5, the floor in requirements.txt.
 
 # %% Run: the last cell. In a notebook, the kernel's own flags are ignored (command_line_flags).
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def test_load_mnist_splits_and_normalizes_with_the_training_part_only(tmp_path):
 def test_dataloader_pipeline_sees_the_same_training_digits_as_the_tensors(data_dir):
     splits, normalization = mnist.load_mnist(data_dir, VALIDATION_SIZE, torch.device("cpu"))
     args = mnist.parse_args(args_for(data_dir, data_dir, "--max-shift", "0"))
-    loader = mnist.make_dataloader(args, TRAIN_SIZE, normalization)
+    loader = mnist.make_dataloader(args, TRAIN_SIZE, *normalization)
     assert len(loader.dataset) == TRAIN_SIZE - VALIDATION_SIZE
     for index in (0, 7, 200):
         image, label = loader.dataset[index]
@@ -281,8 +281,9 @@ def test_metrics_json_has_every_field(finished_run):
     folder, _, _ = finished_run
     metrics = json.loads((folder / "outputs" / "metrics.json").read_text())
     assert {"settings", "normalization", "history", "train_accuracy", "val_accuracy", "val_loss",
-            "test_accuracy", "test_loss", "per_class", "confusion_matrix", "seconds"} == \
+            "test_accuracy", "test_loss", "per_class", "confusion_matrix", "steps", "seconds"} == \
         set(metrics)
+    assert metrics["steps"] == 2 * math.ceil((TRAIN_SIZE - VALIDATION_SIZE) / 64)
     for key in ("epochs", "batch_size", "lr", "lr_schedule", "max_shift", "seed", "device",
                 "loader", "data_dir", "output_dir", "dry_run", "show", "validation_size",
                 "device_used", "torch_version"):
@@ -612,9 +613,11 @@ def test_a_gz_that_fails_its_checksum_is_called_damaged(tmp_path, offline, capsy
 
 
 @pytest.mark.parametrize("damage, words", [
-    (lambda data: data[: len(data) // 2], "bytes where its header promises"),  # half unpacked
-    (lambda data: data[:6], "only 6 bytes long"),
-    (lambda data: struct.pack(">I", 1234) + data[4:], "magic number is 1234"),
+    (lambda data: data[: len(data) // 2], "torchvision cannot read it"),  # half unpacked
+    (lambda data: data[:6], "torchvision cannot read it"),
+    (lambda data: struct.pack(">I", 1234) + data[4:], "torchvision cannot read it"),  # magic
+    (lambda data: data[:8] + struct.pack(">II", 27, 27) + data[16:16 + TEST_SIZE * 27 * 27],
+     "its images are 27 x 27 pixels, not 28 x 28"),
 ])
 def test_truncated_or_corrupt_files_are_named_with_what_to_do(data_dir, previous_outputs, capsys,
                                                               damage, words):
@@ -679,7 +682,9 @@ def test_missing_gpu_suggests_auto(monkeypatch, tmp_path, capsys, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     code, message = fail(args_for(tmp_path, tmp_path / "out", "--device", device), capsys)
-    assert code == 2 and f"finds no {device} device" in message and "--device auto" in message
+    assert code == 2 and f"--device {device} was asked for, but torch finds no {device} device" \
+        in message
+    assert torch.__version__ in message and "--device cpu" in message
 
 
 def test_output_dir_that_is_a_file_or_cannot_be_created(data_dir, tmp_path, capsys):
@@ -743,6 +748,7 @@ def test_ctrl_c_while_the_figures_are_shown_says_the_files_were_written(data_dir
     def interrupt():
         raise KeyboardInterrupt
     monkeypatch.setattr(plt, "show", interrupt)
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "QtAgg")  # a backend with windows
     code, message = fail(args_for(data_dir, tmp_path / "out", "--epochs", "1", "--show"), capsys)
     assert code == 130 and "the new files were all written" in message
     assert "nothing new" not in message
