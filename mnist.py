@@ -824,7 +824,8 @@ def gpu_problem(kind):
         next(model.parameters()).sum().item()  # waits for the GPU, so that its errors show here
         return None
     except Exception as error:  # RuntimeError, NotImplementedError, torch.AcceleratorError...
-        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        # The first sentence of the first line: torch's messages can run on for a page.
+        return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
 
 
 def never_crash_on_printing():
@@ -837,9 +838,12 @@ def never_crash_on_printing():
 def show_figures(output_dir):
     """--show: open the figures in windows (inline in a notebook), or say why none can open."""
     backend = matplotlib.get_backend()
-    # The non-interactive backends (matplotlib picks agg where no display exists: ssh, Docker,
-    # `!python` in Colab) would show nothing, silently.
-    if backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template"):
+    # Where no display exists (ssh, Docker) matplotlib falls back to agg, which draws only into
+    # files. Colab's `!python mnist.py` inherits the notebook's inline backend, which shows
+    # nothing outside a notebook kernel. Either way plt.show() would quietly do nothing.
+    no_kernel = "ipykernel" not in sys.modules
+    if backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template") or (
+            "inline" in backend and no_kernel):
         print(f"--show: no window can open here (matplotlib's backend is {backend}); the "
               f"figures are PNG files in {output_dir}")
     else:

@@ -5,11 +5,13 @@ synthetic digits as genuine IDX files under the four real file names, so torchvi
 loading code runs on them exactly as it does on MNIST.
 """
 
+import ast
 import contextlib
 import gzip
 import io
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -265,6 +267,45 @@ def test_one_cycle_schedule_warms_up_then_anneals_and_cycles_beta1_the_other_way
     assert beta1[-1] > 0.94
 
 
+def test_trace_one_digit_shows_probabilities_and_the_step_adam_takes(capsys):
+    """On a copy with dropout off: the real model and the random numbers stay untouched."""
+    torch.manual_seed(0)
+    model, image, label = mnist.MLP(), torch.randn(28, 28), torch.tensor(3)
+    weights_before = {key: value.clone() for key, value in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+    probabilities, (before, gradient, after) = mnist.trace_one_digit(model, image, label, lr=0.01)
+    output = capsys.readouterr().out
+    assert probabilities.sum().item() == pytest.approx(1, abs=1e-6)
+    assert probabilities.shape == (10,) and (probabilities > 0).all()
+    # Adam's first step: m = (1 - beta1) g and v = (1 - beta2) g^2, both divided by their bias
+    # corrections, give m / sqrt(v) = g / |g|: the weight moves by lr against its gradient.
+    assert gradient != 0
+    assert after == pytest.approx(before - 0.01 * gradient / (abs(gradient) + 1e-8), abs=1e-7)
+    assert torch.equal(torch.get_rng_state(), random_state)  # no random numbers drawn
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights_before[key])  # the real model did not move
+    assert model.training  # and it was not switched to eval mode
+    assert len(output.splitlines()) == 6 and f"-ln(p[3]) = -ln({probabilities[3]:.3f})" in output
+
+
+def test_schedule_per_step_replays_the_learning_rate_and_beta1_that_training_used():
+    optimizer = torch.optim.Adam(mnist.MLP().parameters(), lr=3e-3)
+    scheduler = mnist.make_scheduler(optimizer, "one-cycle", 50)
+    seen = []
+    for _ in range(50):
+        seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
+        optimizer.step()
+        scheduler.step()
+    rates, beta1 = mnist.schedule_per_step(3e-3, "one-cycle", 50)
+    assert list(zip(rates, beta1)) == seen
+    figure = mnist.plot_training_curves([{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5}],
+                                        rates, beta1)
+    rate_line, beta_line = figure.axes[2].lines[0], figure.axes[3].lines[0]
+    assert list(rate_line.get_ydata()) == rates and list(beta_line.get_ydata()) == beta1
+    assert mnist.schedule_per_step(1e-3, "constant", 5) == ([1e-3] * 5, [0.9] * 5)
+    plt.close("all")
+
+
 # --- the whole run: metrics and reports ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -423,6 +464,47 @@ def test_dry_run_with_the_classic_dataloader_and_a_batch_larger_than_the_data(da
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)
 
 
+# --- the file as a lesson -------------------------------------------------------------------
+
+def top_level_definitions(source):
+    """(the Part 2 banner's line number, {name: its top-level node}) for mnist.py's source."""
+    banner = next(number for number, line in enumerate(source.splitlines(), 1)
+                  if line.startswith("# Part 2."))
+    definitions = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, ast.Assign):
+            definitions.update({target.id: node for target in node.targets})
+    return banner, definitions
+
+
+def test_part_1_pieces_use_no_part_2_name_so_a_student_can_copy_them():
+    """Only the assembly, which wires the appendix in, may call Part 2."""
+    banner, definitions = top_level_definitions(Path(mnist.__file__).read_text())
+    part_2 = {name for name, node in definitions.items() if node.lineno > banner}
+    assembly = {"train_and_report", "main"}
+    assert {"load_split", "load_mnist", "shuffled_batches", "MLP", "train", "UserError",
+            "prepare_digit", "predict", "evaluate", "trace_one_digit"} <= \
+        {name for name, node in definitions.items() if node.lineno < banner}
+    for name, node in definitions.items():
+        if node.lineno < banner and name not in assembly:
+            used = {child.id for child in ast.walk(node) if isinstance(child, ast.Name)}
+            assert not used & part_2, f"{name} uses Part 2's {sorted(used & part_2)}"
+
+
+def test_the_lesson_reads_as_a_recipe_with_no_tricks():
+    source = Path(mnist.__file__).read_text()
+    _, definitions = top_level_definitions(source)
+    lengths = {name: node.end_lineno - node.lineno + 1 for name, node in definitions.items()
+               if isinstance(node, ast.FunctionDef)}
+    assert lengths["train_and_report"] <= 40 and max(lengths.values()) <= 45, lengths
+    assert not re.search(r"^import gc|\bgc\.", source, re.MULTILINE)  # no garbage-collector pause
+    recipe = ast.get_source_segment(source, definitions["train_and_report"])
+    assert "lambda" not in recipe and "\\\n" not in recipe and " def " not in recipe
+    assert source.count("classification_report(") == 1
+
+
 # --- a notebook runs the file cell by cell ---------------------------------------------------
 
 def test_the_cells_run_in_order_in_a_notebook_kernel_and_train_with_the_defaults(tmp_path,
@@ -439,7 +521,11 @@ def test_the_cells_run_in_order_in_a_notebook_kernel_and_train_with_the_defaults
     namespace = {"__name__": "__main__"}
     for cell in cells:
         exec(compile(cell, "mnist.py", "exec"), namespace)
+    first = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    for cell in cells:  # a student runs the notebook again, in the same kernel
+        exec(compile(cell, "mnist.py", "exec"), namespace)
     metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert metrics["history"][-1]["train_loss"] == first["history"][-1]["train_loss"]
     assert metrics["settings"]["epochs"] == 10 and metrics["settings"]["validation_size"] == 5000
     assert len(metrics["history"]) == 10
     assert sorted(path.name for path in (tmp_path / "outputs").iterdir()) == sorted(REPORTS)
@@ -492,6 +578,9 @@ def trained(finished_run, tmp_path):
     draw_seven().save(tmp_path / "digits" / "b-seven.png")
     draw_seven().convert("RGB").save(tmp_path / "digits" / "a-seven.jpg")
     (tmp_path / "digits" / "notes.txt").write_text("not an image, and not an image file name")
+    # What macOS leaves on exFAT and network drives: hidden files, skipped, not refused.
+    (tmp_path / "digits" / "._b-seven.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "digits" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     return tmp_path / "outputs", tmp_path / "digits"
 
 
@@ -753,3 +842,126 @@ def test_ctrl_c_while_the_figures_are_shown_says_the_files_were_written(data_dir
     assert code == 130 and "the new files were all written" in message
     assert "nothing new" not in message
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)
+
+
+# --- where students run it: GPUs that fail, Windows, macOS, no display -------------------------
+
+@pytest.fixture
+def broken_gpu(monkeypatch):
+    """While the device is picked, torch reports a GPU of `kind` whose first kernel fails, as on
+    a GPU too old for the installed build. (Afterwards torch sees the real machine again.)"""
+    def fail_off_the_cpu(module, *args, **kwargs):
+        if torch.device(args[0] if args else kwargs["device"]).type != "cpu":
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the "
+                               "device\nCUDA kernel errors might be asynchronously reported")
+        return module_to(module, *args, **kwargs)
+    module_to, pick_device = torch.nn.Module.to, mnist.pick_device
+
+    def report(kind):
+        def pick_with_a_broken_gpu(name):
+            with monkeypatch.context() as patch:
+                patch.setattr(torch.cuda, "is_available", lambda: kind == "cuda")
+                patch.setattr(torch.backends.mps, "is_available", lambda: kind == "mps")
+                patch.setattr(torch.nn.Module, "to", fail_off_the_cpu)
+                return pick_device(name)
+        monkeypatch.setattr(mnist, "pick_device", pick_with_a_broken_gpu)
+    return report
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_auto_skips_a_gpu_that_torch_reports_but_cannot_use(broken_gpu, data_dir, tmp_path,
+                                                            capsys, kind):
+    broken_gpu(kind)
+    metrics = mnist.main(args_for(data_dir, tmp_path / "out", "--device", "auto", "--dry-run"))
+    stderr = capsys.readouterr().err.splitlines()
+    assert metrics["settings"]["device_used"] == "cpu"
+    assert stderr[0] == (f"mnist.py: the {kind} device failed a test step (CUDA error: no kernel "
+                         "image is available for execution on the device); the run continues on "
+                         "the CPU")
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_a_gpu_asked_for_by_name_that_fails_ends_in_one_line(broken_gpu, data_dir, tmp_path,
+                                                             capsys, kind):
+    broken_gpu(kind)
+    code, message = fail(args_for(data_dir, tmp_path / "out", "--device", kind), capsys)
+    assert code == 2 and f"--device {kind} was asked for, but CUDA error: no kernel image" in message
+    assert f"torch {torch.__version__}" in message and "--device cpu" in message
+    assert ("built for CUDA" if torch.version.cuda else "CPU-only") in message
+
+
+def test_a_gpu_test_step_really_runs_on_that_device():
+    """Without the monkeypatch: this machine's torch has no MPS, so the step fails there."""
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has a working MPS device")
+    problem = mnist.gpu_problem("mps")
+    assert problem and "\n" not in problem and len(problem) < 200
+
+
+def test_the_batch_order_is_drawn_on_the_cpu_whatever_the_device():
+    """The same seed gives the same batches on every device: only the indices move there."""
+    labels = torch.arange(10)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5))
+    batches = mnist.shuffled_batches(torch.zeros(10, 28, 28), labels, 4, 1, -0.4,
+                                     torch.Generator().manual_seed(5))
+    assert torch.cat([batch_labels for _, batch_labels in batches]).tolist() == order.tolist()
+    # On another device (meta: shapes without data) the CPU generator still draws the order.
+    meta = mnist.shuffled_batches(torch.zeros(10, 28, 28, device="meta"), labels.to("meta"), 4, 1,
+                                  -0.4, torch.Generator().manual_seed(5))
+    assert [tuple(images.shape) for images, _ in meta] == [(4, 28, 28), (4, 28, 28), (2, 28, 28)]
+
+
+@pytest.mark.parametrize("fails", ["moving the old file aside", "putting the new one in place"])
+def test_a_report_held_open_by_another_program_ends_in_one_line_and_keeps_the_old_files(
+        data_dir, previous_outputs, monkeypatch, capsys, fails):
+    """Windows refuses to replace a file that a viewer, OneDrive or a virus scan holds open."""
+    output_dir, before = previous_outputs
+    replace, refused = os.replace, []
+
+    def held_open(source, destination):  # refuses once, as a virus scan holds a file a moment
+        name = Path(source if fails == "moving the old file aside" else destination).name
+        if name == "model.pt" and not refused:
+            refused.append(name)
+            raise PermissionError(13, "The process cannot access the file", str(source))
+        replace(source, destination)
+    monkeypatch.setattr(os, "replace", held_open)
+    code, message = fail(args_for(data_dir, output_dir, "--epochs", "1"), capsys)
+    assert code == 1 and f"cannot replace {output_dir / 'model.pt'}" in message
+    assert "another program holds it open. Close it and run again" in message
+    assert snapshot(output_dir) == before  # the five new figures were put back, nothing left over
+
+
+def test_a_narrow_console_encoding_does_not_crash_printing(trained, tmp_path, monkeypatch):
+    """Windows' cp1252 console has no Chinese characters: they print as escapes instead."""
+    output_dir, _ = trained
+    path = tmp_path / "数字七.png"
+    draw_seven().save(path)
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", console)
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.BytesIO(), encoding="cp1252"))
+    mnist.main(["--predict", str(path), "--output-dir", str(output_dir)])
+    console.flush()
+    assert "\\u6570\\u5b57\\u4e03.png: " in console.buffer.getvalue().decode("cp1252")
+
+
+def test_show_with_no_window_says_so_and_where_the_files_are(data_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    def no_show():
+        raise AssertionError("plt.show() was called where no window can open")
+    monkeypatch.setattr(plt, "show", no_show)
+    for backend in ("agg", "module://matplotlib_inline.backend_inline"):  # ssh; Colab's !python
+        monkeypatch.setattr(matplotlib, "get_backend", lambda: backend)
+        mnist.main(args_for(data_dir, tmp_path / "out", "--dry-run", "--show"))
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[-1] == (f"--show: no window can open here (matplotlib's backend is {backend});"
+                             f" the figures are PNG files in {tmp_path / 'out'}")
+
+
+def test_show_in_a_notebook_shows_the_figures_inline(data_dir, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(len(plt.get_fignums())))
+    monkeypatch.setattr(matplotlib, "get_backend",
+                        lambda: "module://matplotlib_inline.backend_inline")
+    monkeypatch.setitem(sys.modules, "ipykernel", Mock())  # as inside a notebook kernel
+    mnist.main(args_for(data_dir, tmp_path / "out", "--dry-run", "--show"))
+    assert shown == [5]  # every figure of the run
