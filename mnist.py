@@ -61,8 +61,8 @@ class UserError(Exception):
 
 def load_split(data_dir, train):
     """One MNIST split: images (N, 28, 28) uint8 in 0-255, and labels (N,) int64 in 0-9."""
-    # download=True fetches only the files missing from data_dir/MNIST/raw/: after the first
-    # run this never touches the network.
+    # download=True fetches the four files into data_dir/MNIST/raw/ unless they are there
+    # already: after the first run this never touches the network.
     dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     return dataset.data, dataset.targets
 
@@ -95,7 +95,8 @@ def load_mnist(data_dir, validation_size, device):
     # two numbers in so many MNIST scripts): statistics of the validation or test digits would
     # leak information about them into training.
     pixels = {name: split[0].to(device).float() / 255 for name, split in splits.items()}
-    std, mean = (value.item() for value in torch.std_mean(pixels["train"]))  # std comes first
+    std, mean = torch.std_mean(pixels["train"])  # both at once; note the order: std first
+    mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
     normalized = {name: ((pixels[name] - mean) / std, split[1].to(device))
                   for name, split in splits.items()}
     return normalized, (mean, std)
@@ -104,7 +105,8 @@ def load_mnist(data_dir, validation_size, device):
 # %% 3. A look at the data
 # Look at data before training on it. Most bugs in a machine-learning script are data bugs:
 # labels that do not match their images, pixels scaled twice or not at all, an empty split.
-# Printing shapes and ranges, and drawing a few examples (digits.png), catches them in seconds.
+# Printing shapes and ranges, and drawing a few examples (Part 2 draws digits.png), catches them
+# in seconds.
 
 def describe_data(splits, mean, std):
     for name, (images, labels) in splits.items():
@@ -116,14 +118,15 @@ def describe_data(splits, mean, std):
 
 
 # %% 4. Batches
-# The network learns in *steps*. Each step shows it a mini-batch of digits (256 by default),
-# measures how wrong it is, and nudges its weights. One *epoch* is one pass over all the
-# training digits in a new random order: 55,000 / 256 = 214.8, so 215 steps an epoch (the last
-# batch holds 216 digits), and 2,150 steps in 10 epochs. All of MNIST fits in memory, so a batch
-# is a slice of a shuffled list of indices into one big tensor.
+# The network learns in *steps*. Each step shows it a mini-batch of B digits (B = 256 by
+# default, which validated best), measures how wrong it is, and nudges its weights. One *epoch*
+# is one pass over all the training digits in a new random order: 55,000 / 256 = 214.8, so 215
+# steps an epoch (the last batch holds 216 digits), and 2,150 steps in 10 epochs. All of MNIST
+# fits in memory, so a batch is a slice of a shuffled list of indices into one big tensor.
 
 def shift_randomly(images, max_shift, background):
-    """Move each digit by up to `max_shift` pixels in x and in y: a cheap, honest augmentation."""
+    """Move each digit by up to `max_shift` pixels in x and in y: an *augmentation*, a change
+    that makes new training examples and keeps their labels."""
     # A "7" one pixel to the left is still a 7, but to a fully connected network every pixel is
     # a separate input, so it must see shifted digits to learn that. Only training digits move.
     s = max_shift
@@ -161,28 +164,33 @@ def shuffled_batches(images, labels, batch_size, max_shift, background, rng):
 # The weights and biases are the network's *parameters*: the numbers that training adjusts.
 # Between layers sits ReLU(z) = max(0, z). Without it the layers would collapse into one, since
 # W2 (W1 x + b1) + b2 is just another W x + b. Such a stack of fully connected layers is a
-# multi-layer perceptron, an MLP. Dropout zeroes each unit's output with probability 0.2 at each
-# training step, so that the network cannot lean on any one unit, and scales the others by
-# 1 / (1 - 0.2), so that their sum keeps its size; model.eval() switches it off to measure.
+# multi-layer perceptron, an MLP. Dropout zeroes each unit's output, for each digit, with
+# probability 0.2 at each training step, so that the network cannot lean on any one unit, and
+# scales the others by 1 / (1 - 0.2), so that their expected sum keeps its size; model.eval()
+# switches it off to measure.
+# (The sizes, 128 and 64, and the 0.2 are the original write-up's; this project keeps them.)
 #
 # The last layer gives ten *logits*, one raw score per digit, any real number: the larger, the
 # more the network favours that digit. softmax turns them into probabilities that sum to 1,
-# p_i = e^(z_i) / sum_j e^(z_j). The model stops at the logits, because F.cross_entropy applies
-# log-softmax itself (in a numerically safer way), then takes -ln(p of the right digit). An
-# nn.Softmax at the end of the model would apply softmax twice: training silently gets worse.
+# p_i = e^(z_i) / sum_j e^(z_j). The *loss* is one number that says how wrong the network is,
+# and training lowers it. Cross-entropy loss is -ln(p of the right digit): 0 when the network is
+# sure and right, growing without limit as that p goes to 0. The model stops at the logits,
+# because F.cross_entropy applies log-softmax itself (in a numerically safer way), then takes
+# -ln(p). An nn.Softmax at the end of the model would apply softmax twice: training silently
+# gets worse.
 
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()  # nn.Module's own set-up, which tracks the layers' parameters
         self.layers = nn.Sequential(
-            nn.Flatten(),                             # (B, 28, 28) or (B, 1, 28, 28) -> (B, 784)
-            nn.Linear(IMAGE_SIDE * IMAGE_SIDE, 128),  # (B, 128): 784 x 128 weights + 128 biases
+            nn.Flatten(),                             # (B, 28, 28) -> (B, 784); also (B, 1, 28, 28)
+            nn.Linear(IMAGE_SIDE * IMAGE_SIDE, 128),  # (B, 128): 128 x 784 weights + 128 biases
             nn.ReLU(),
             nn.Dropout(0.2),
-            nn.Linear(128, 64),                       # (B, 64): 128 x 64 + 64
+            nn.Linear(128, 64),                       # (B, 64): 64 x 128 + 64
             nn.ReLU(),
             nn.Dropout(0.2),
-            nn.Linear(64, 10),                        # (B, 10), the logits: 64 x 10 + 10
+            nn.Linear(64, 10),                        # (B, 10), the logits: 10 x 64 + 10
         )
 
     def forward(self, images):  # model(images) calls this (through nn.Module's __call__)
@@ -196,9 +204,9 @@ class MLP(nn.Module):
 # -ln(1/10) = ln(10) = 2.30. A loss far above that means that the network starts out
 # confidently wrong: look for a bug in the model or the pixels' scaling before training.
 
-@torch.no_grad()
+@torch.no_grad()  # runs the function without recording gradients (section 9)
 def loss_before_training(model, images, labels):
-    model.eval()
+    model.eval()  # dropout off
     loss = F.cross_entropy(model(images), labels).item()
     print(f"loss before training: {loss:.3f} on {len(labels):,} training digits (guessing 1/10 "
           f"for every digit scores ln(10) = {math.log(10):.3f})")
@@ -209,8 +217,18 @@ def loss_before_training(model, images, labels):
 # One training step, for one digit: its pixels go in, ten logits come out, softmax makes them
 # probabilities, and the loss is -ln(the probability of the right digit). backward() then
 # computes the *gradient*: for each parameter w, how fast the loss changes as w changes,
-# dloss/dw. The optimizer moves every weight a little against its gradient, downhill. We try it
-# on a copy of the model with dropout off, so that training stays exactly as it would be.
+# dloss/dw. (torch records every operation on the way forward, and backward() goes back through
+# them with the chain rule.) An *optimizer* then moves every weight a little against its
+# gradient, downhill. Plain gradient descent (SGD) does w <- w - lr * dloss/dw: the *learning
+# rate* lr sets the size of the steps. Adam (Kingma and Ba, 2015), ours, keeps two moving
+# averages per weight, m of its gradient and v of the gradient's square, and moves the weight by
+# lr * m / (sqrt(v) + 1e-8), after correcting both averages for starting at 0. Dividing by
+# sqrt(v), the gradient's typical size, makes a typical step about lr or smaller, whatever the
+# gradient's scale (the paper, section 2.1: "approximately bounded by the stepsize"; a weight
+# whose gradient was near 0 for long can move a few lr). SGD's step is lr times the gradient itself, and gradients are small, which
+# is why SGD needs a far larger lr than Adam's 3e-3 here.
+# We take the step on a copy of the model, with dropout off so that no random numbers are
+# drawn: the real run stays exactly as it would be without this look.
 
 def trace_one_digit(model, image, label, lr):
     """Print one digit's logits, probabilities and loss, and one Adam step of one weight."""
@@ -219,8 +237,9 @@ def trace_one_digit(model, image, label, lr):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    weights = model.layers[1].weight  # the first layer's (128, 784) weights
-    # The weight with the largest gradient: the one that unit `unit` gives pixel `pixel`.
+    weights = model.layers[1].weight  # layers[0] is Flatten: the first Linear's (128, 784)
+    # The weight with the largest gradient. argmax counts through all 128 x 784 as one list;
+    # divmod(index, 784) turns that position back into (row, column): (unit, pixel).
     unit, pixel = divmod(weights.grad.abs().argmax().item(), weights.shape[1])
     before, gradient = weights[unit, pixel].item(), weights.grad[unit, pixel].item()
     torch.optim.Adam(model.parameters(), lr=lr).step()
@@ -232,30 +251,26 @@ def trace_one_digit(model, image, label, lr):
           f"  loss -ln(p[{label}]) = -ln({probabilities[label]:.3f}) = {loss.item():.3f}\n"
           f"  first-layer weight [{unit}, {pixel}] (unit {unit}, pixel row {pixel // IMAGE_SIDE}, "
           f"column {pixel % IMAGE_SIDE}): {before:+.5f}, its gradient {gradient:+.5f}\n"
-          f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}: by about lr, against the gradient")
+          f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}: by about lr, against its gradient")
     return probabilities, (before, gradient, after)
 
 
 # %% 8. Training
-# A step: predict a batch, measure the loss (the mean over the batch), let backward() compute
-# its gradient, and let the optimizer move the weights. Plain gradient descent (SGD) moves each
-# weight by w <- w - lr * dloss/dw: the *learning rate* lr sets the size of the steps. Adam
-# (Kingma and Ba, 2015) keeps two moving averages per weight, m of its gradient and v of the
-# gradient's square, and moves it by lr * m / (sqrt(v) + 1e-8), after correcting both averages
-# for starting at 0. Dividing by sqrt(v), the gradient's typical size, makes each step about lr
-# or smaller, whatever the gradient's scale: that is why SGD needs a far larger learning rate.
+# A step, as in section 7 but for a whole batch: predict, measure the loss (the mean over the
+# batch), let backward() compute its gradient, and let the optimizer move the weights. Then a
+# *scheduler* sets the learning rate for the next step (make_scheduler, below).
 
 def train_one_epoch(model, batches, optimizer, scheduler):
     """One pass over the training batches. Returns (mean loss, accuracy) over every example."""
     model.train()  # dropout on
     device = next(model.parameters()).device
-    # Each batch's loss counts by its size, as the last batch is smaller. The totals stay
-    # tensors until the end: .item() would make the CPU wait for a GPU at every batch.
+    # Each batch's loss counts by its size, as the last batch is smaller. (Totals stay tensors:
+    # an .item() per batch would make the CPU wait for a GPU each time.)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)  # a no-op for in-memory batches
+        images, labels = images.to(device), labels.to(device)  # ours are there already
         logits = model(images)                                 # (B, 10)
         loss = F.cross_entropy(logits, labels)                 # the mean over the batch
         optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
@@ -274,20 +289,21 @@ def make_scheduler(optimizer, schedule, total_steps):
         # Warm up from lr/25 to the peak --lr over the first 15% of the steps, then anneal to
         # almost zero: big steps early cover ground, tiny steps late settle into a minimum
         # instead of bouncing around it. OneCycleLR also moves Adam's beta1 (how much of the
-        # past gradients m keeps) the other way, from 0.95 down to 0.85 and back up: less
-        # momentum while the steps are big. Holding it at 0.9 validated no better.
+        # past gradients the average m keeps: its momentum; Adam's default is 0.9) the other
+        # way, from 0.95 down to 0.85 and back up: less momentum while the steps are big.
+        # That is OneCycleLR's default; holding beta1 at 0.9 validated no better.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
             pct_start=0.15)
-    # "constant", the original recipe: a scheduler that multiplies the rate by 1, so that the
-    # training loop can call scheduler.step() whichever schedule was chosen.
+    # "constant", the original write-up's recipe: a scheduler that multiplies the rate by 1, so
+    # that the training loop can call scheduler.step() whichever schedule was chosen.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 # %% 9. Evaluation
-# To measure, switch dropout off (model.eval()) and gradients off (torch.no_grad()). Without
-# gradients, autograd keeps none of the layers' intermediate results for a backward pass, which
-# saves memory and time.
+# To measure, switch dropout off (model.eval()) and gradients off (torch.no_grad()). Then
+# autograd, the part of torch that records operations for backward(), keeps none of the layers'
+# intermediate results for a backward pass, which saves memory and time.
 
 @torch.no_grad()
 def evaluate(model, images, labels, chunk=10_000):
@@ -340,8 +356,9 @@ def final_scores(model, splits):
     results = {name: evaluate(model, images, labels) for name, (images, labels) in splits.items()}
     test, test_labels = results["test"], splits["test"][1].cpu()
     # Per digit: precision (of the digits predicted as d, how many were d), recall (of the
-    # true d's, how many were found) and F1, their harmonic mean. labels=range(10) keeps a row
-    # for a digit that a tiny test set lacks; zero_division=0 scores one never predicted as 0.
+    # true d's, how many were found), F1, their harmonic mean, and support, how many test
+    # digits are d. labels=range(10) keeps a row for a digit that a tiny test set lacks;
+    # zero_division=0 gives a digit that is never predicted a precision of 0, not a warning.
     report = classification_report(test_labels, test["predictions"], labels=range(10),
                                    zero_division=0, output_dict=True)
     per_class = {}
@@ -357,7 +374,7 @@ def final_scores(model, splits):
         scores.update(val_accuracy=results["validation"]["accuracy"],
                       val_loss=results["validation"]["loss"])
     scores.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
-    print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in results.items()))
+    print(", ".join(f"{name} accuracy {scores['accuracy']:.2%}" for name, scores in results.items()))
     # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
     matrix = confusion_matrix(test_labels, test["predictions"], labels=range(10)).tolist()
     return {**scores, "per_class": per_class, "confusion_matrix": matrix}, test
@@ -371,14 +388,16 @@ def final_scores(model, splits):
 # what the network learned: each first-layer unit weighs the 784 pixels, so its weights form a
 # 28 x 28 picture, red where ink raises the unit and blue where it lowers it. Look for
 # stroke-like detectors, and for the speckled border. A border pixel is black in nearly every
-# digit, which is -0.42 after normalization, not 0, so its weights do get gradients. But every
-# always-black pixel gets the same gradient (-0.42 times that of the unit's bias), and so the
-# same update: the random differences they started with never fade.
+# digit (and shifts pad with black), which is -0.42 after normalization, not 0, so its weights
+# do get gradients. But for one unit, every such pixel gets nearly the same gradient, -0.42
+# times that of the unit's bias, and so nearly the same update: the random differences that
+# those weights started with never fade.
 
 # %% 13. Your own handwriting
-# A model knows only the kind of data it was trained on. MNIST digits are white ink on black,
-# scaled so that their longer side is 20 pixels, with soft grey edges, and placed so that their
-# centre of mass sits at the centre of the 28 x 28 field. A photo resized straight to 28 x 28
+# A model knows only the kind of data it was trained on. MNIST stores ink as high values on a
+# background of 0 (white ink on black, drawn in grey levels), scaled so that the longer side is
+# 20 pixels, with soft grey edges, and placed so that the centre of mass sits at the centre of
+# the 28 x 28 field. A photo resized straight to 28 x 28
 # is none of these things, and the network fails on it (README.md has the numbers): new data
 # unlike the training data is a *distribution shift*. So we prepare images as MNIST was made.
 
@@ -409,12 +428,13 @@ def prepare_digit(image, name="the image"):
     scale = 20 / max(box.shape)
     size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
-    # 7. Place it so that its centre of mass (the ink-weighted mean position) falls on the
-    #    centre, 13.5, of a 28 x 28 field. A lopsided digit may be pushed partly off it, so we
-    #    paste into the middle of an 84 x 84 field, then cut out rows and columns 28 to 55.
+    # 7. Place it so that its centre of mass (the ink-weighted mean position) falls on pixel
+    #    (14, 14) of a 28 x 28 field, where MNIST's digits have theirs (measured: 13.996 and
+    #    14.007 on average). A lopsided digit may be pushed partly off it, so we paste into the
+    #    middle of an 84 x 84 field, then cut out rows and columns 28 to 55.
     height, width = box.shape
-    top = 28 + round(13.5 - (box.sum(axis=1) * np.arange(height)).sum() / box.sum())
-    left = 28 + round(13.5 - (box.sum(axis=0) * np.arange(width)).sum() / box.sum())
+    top = 28 + round(14 - (box.sum(axis=1) * np.arange(height)).sum() / box.sum())
+    left = 28 + round(14 - (box.sum(axis=0) * np.arange(width)).sum() / box.sum())
     field = np.zeros((84, 84), dtype=np.float32)
     field[top:top + height, left:left + width] = box
     return torch.from_numpy(field[28:56, 28:56].copy())  # (28, 28)
@@ -454,7 +474,7 @@ def train_and_report(args):
     trace_one_digit(model, train_images[0], train_labels[0], args.lr)
     epochs = 1 if args.dry_run else args.epochs
     total_steps = epochs * math.ceil(len(train_images) / args.batch_size)  # 2,150 by default
-    # fused=True: one kernel updates all the weights at once; the same arithmetic, faster.
+    # fused=True: one fused operation per step instead of a dozen per weight tensor; faster.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
     # partial(f, a, b) is f with its arguments filled in: each call starts one epoch's batches.
@@ -476,7 +496,7 @@ def train_and_report(args):
 
 def main(argv=None):
     """`python mnist.py ...` in a shell, `%run mnist.py ...` in a notebook, or main([...])."""
-    never_crash_on_printing()  # Part 2: a narrow console (Windows' cp1252) may lack a character
+    never_crash_on_printing()  # Part 2: a narrow encoding (Windows' cp1252) may lack a character
     args = parse_args(command_line_flags() if argv is None else argv)  # Part 2
     result = None
     try:
@@ -575,7 +595,8 @@ def explain_download_failure(raw_folder, error):
             missing.append(name)
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     problems = [f"missing: {', '.join(missing)}"] if 0 < len(missing) < len(MNIST_FILES) else []
-    problems += [f"damaged, with the wrong MD5 sum: {', '.join(damaged_files)}"] if damaged_files else []
+    if damaged_files:
+        problems.append(f"damaged, with the wrong MD5 sum: {', '.join(damaged_files)}")
     problems += [f"rename {', '.join(renames)}"] if renames else []
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         problems.append("with python.org's Python on macOS, run 'Install Certificates.command'")
@@ -613,8 +634,8 @@ def image_files(path):
     if not path.is_dir():
         return [path]
     # Hidden files are skipped: macOS leaves ._name.png copies on exFAT and network drives.
-    files = sorted(file for file in path.iterdir() if file.is_file() and not
-                   file.name.startswith(".") and file.suffix.lower() in Image.registered_extensions())
+    files = sorted(file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")
+                   and file.suffix.lower() in Image.registered_extensions())
     if not files:
         raise UserError(f"{path} is a folder with no image files in it; give PNG or JPEG files")
     return files
@@ -640,7 +661,8 @@ def load_trained_model(output_dir):
                             "that holds model.pt and metrics.json")
     model = MLP()
     try:
-        # weights_only=True loads tensors only, so a file from elsewhere can never run code.
+        # weights_only=True unpickles only tensors, plain types and dicts, so that a file from
+        # elsewhere cannot run arbitrary code (barring bugs in torch: keep it up to date).
         model.load_state_dict(torch.load(output_dir / "model.pt", weights_only=True))
         normalization = json.loads((output_dir / "metrics.json").read_text())["normalization"]
         return model, (normalization["mean"], normalization["std"])
@@ -655,9 +677,9 @@ def load_trained_model(output_dir):
 
 def write_all_or_nothing(output_dir, contents):
     """contents maps each file name to a figure (.png), a model (.pt) or plain data (.json)."""
-    # Each file is first written to a hidden temporary file in the same folder; only when all
-    # of them exist are they renamed over the old ones, each old one kept aside until the end.
-    # os.replace is atomic on one file system: a reader sees the old file or the new one.
+    # Each file is first written to a hidden temporary file in the same folder. Only when all
+    # of them exist is each old file moved aside and the new one renamed in; if anything fails
+    # (a Ctrl-C, a file held open), the old ones are put back.
     temporary, replaced, target = {}, [], None
     try:
         for name, content in contents.items():
@@ -779,8 +801,8 @@ def parse_args(argv):
 
 def command_line_flags():
     """sys.argv's flags; none when a notebook kernel runs this file, as its flags are its own."""
-    # Jupyter, VS Code and Colab start a kernel as "ipykernel_launcher.py -f kernel.json" (or
-    # --f=...), and sys.argv keeps those flags. `%run mnist.py --epochs 3` sets sys.argv anew.
+    # Jupyter starts a kernel as "ipykernel_launcher.py -f kernel.json" (Colab's launcher is
+    # colab_kernel_launcher.py; VS Code passes --f=...), and sys.argv keeps those flags. `%run mnist.py --epochs 3` sets sys.argv anew.
     if "kernel" in Path(sys.argv[0]).name or any(
             flag == "-f" or flag.startswith("--f=") for flag in sys.argv[1:]):
         return []
@@ -797,8 +819,8 @@ def pick_device(name):
     if name != "auto":
         problem = gpu_problem(name) if found[name] else f"torch finds no {name} device here"
         if problem:
-            build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else
-                     "built for Apple's MPS" if torch.backends.mps.is_built() else "a CPU-only build")
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else (
+                "built for Apple's MPS" if torch.backends.mps.is_built() else "a CPU-only build")
             raise UserError(f"--device {name} was asked for, but {problem} (torch "
                             f"{torch.__version__}, {build}). Use --device cpu, or install the "
                             "torch build for your GPU: see README.md, 'Install'")
@@ -830,7 +852,9 @@ def gpu_problem(kind):
 
 def never_crash_on_printing():
     """Print a character the console cannot show as a \\u escape, instead of crashing."""
-    for stream in (sys.stdout, sys.stderr):  # Windows' cp1252 console has no "数" in 数字七.png
+    # Windows encodes output redirected to a file or a pipe in its ANSI code page, such as
+    # cp1252, which has no "数" for a file named 数字七.png.
+    for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # notebooks' streams have no encoding to fix
             stream.reconfigure(errors="backslashreplace")
 
@@ -977,8 +1001,9 @@ def draw_reports(metrics, model, splits, test):
 #   device; a batch is then a slice, with no per-image Python and no copies to the device.
 # - Shifts. shift_randomly cuts one window per group of digits, not one per digit (section 4):
 #   (2s + 1)^2 slice copies per batch instead of a gather per pixel.
-# - Adam. fused=True updates all the weights in one kernel instead of a dozen small operations
-#   per tensor: the same arithmetic with less overhead, which dominates for 109,386 weights.
+# - Adam. fused=True does each step in one fused operation per weight tensor instead of a dozen
+#   small ones: the same arithmetic, up to rounding, with less overhead, which dominates for
+#   109,386 weights.
 #   torch has it on CUDA, on the CPU from 2.4 and on MPS from 2.5, the floor in requirements.txt.
 
 # %% Run: the last cell. In a notebook, the kernel's own flags are ignored (command_line_flags).
