@@ -94,10 +94,11 @@ def load_mnist(data_dir, validation_size, device):
     # scale. The mean and std come from the training part alone (about 0.1307 and 0.3081, the
     # two numbers in so many MNIST scripts): statistics of the validation or test digits would
     # leak information about them into training.
-    pixels = {name: split[0].to(device).float() / 255 for name, split in splits.items()}
+    # div_ and sub_ work in place (a trailing _ in torch means so): no second copy of the data.
+    pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
     std, mean = torch.std_mean(pixels["train"])  # both at once; note the order: std first
     mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
-    normalized = {name: ((pixels[name] - mean) / std, split[1].to(device))
+    normalized = {name: (pixels[name].sub_(mean).div_(std), split[1].to(device))
                   for name, split in splits.items()}
     return normalized, (mean, std)
 
