@@ -246,7 +246,7 @@ def trace_one_digit(model, image, label, lr):
     torch.optim.Adam(model.parameters(), lr=lr).step()
     after = weights[unit, pixel].item()
     label = label.item()
-    print(f"one training digit, a {label}, through a copy of the model with dropout off:\n"
+    print(f"one training digit (label {label}), through a copy of the model with dropout off:\n"
           f"  logits        {' '.join(f'{z:6.2f}' for z in logits.tolist())}\n"
           f"  probabilities {' '.join(f'{p:6.3f}' for p in probabilities.tolist())}\n"
           f"  loss -ln(p[{label}]) = -ln({probabilities[label]:.3f}) = {loss.item():.3f}\n"
@@ -951,7 +951,7 @@ def schedule_per_step(lr, schedule, total_steps):
 def plot_training_curves(history, rates, beta1):
     figure, all_axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     for axes, measure in zip(all_axes, ("loss", "accuracy")):
-        for split, label in (("train", "train (dropout on, shifted)"), ("val", "validation")):
+        for split, label in (("train", "train (while training)"), ("val", "validation")):
             if f"{split}_{measure}" in history[0]:
                 axes.plot([row["epoch"] for row in history],
                           [row[f"{split}_{measure}"] for row in history], "o-", markersize=3,
