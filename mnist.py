@@ -547,6 +547,8 @@ def explain_mnist_failures(data_dir):
     try:
         yield
     except (RuntimeError, OSError) as error:  # no network, HTTP 403 or 503, SSL, a full disk...
+        if all((raw_folder / name).is_file() for name in MNIST_FILES):
+            raise  # every file is there, so this is no download problem (a GPU out of memory?)
         raise UserError(explain_download_failure(raw_folder, error), exit_code=1) from None
 
 
@@ -602,7 +604,8 @@ def explain_download_failure(raw_folder, error):
     problems = [f"missing: {', '.join(missing)}"] if 0 < len(missing) < len(MNIST_FILES) else []
     if damaged_files:
         problems.append(f"damaged, with the wrong MD5 sum: {', '.join(damaged_files)}")
-    problems += [f"rename {', '.join(renames)}"] if renames else []
+    if renames:
+        problems.append(f"rename {', '.join(renames)}")
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         problems.append("with python.org's Python on macOS, run 'Install Certificates.command'")
     details = f" ({'; '.join(problems)})" if problems else ""

@@ -675,6 +675,15 @@ def test_download_failure_says_where_to_put_which_files(tmp_path, offline, previ
     assert ".gz" in message and "unpacked" in message and "--data-dir" in message
 
 
+def test_an_error_with_every_file_present_is_not_called_a_failed_download(data_dir, tmp_path,
+                                                                        monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(mnist, "load_mnist", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        mnist.main(args_for(data_dir, tmp_path / "out"))
+
+
 def test_only_some_files_present_names_the_missing_ones(tmp_path, offline, capsys):
     write_mnist(tmp_path / "data", names=mnist.MNIST_FILES[:2])
     code, message = fail(args_for(tmp_path / "data", tmp_path / "out"), capsys)
