@@ -714,9 +714,10 @@ def write_all_or_nothing(output_dir, contents):
                             exit_code=1) from None
         raise
     finally:
-        for name, path in temporary.items():
+        for path in temporary.values():
             path.unlink(missing_ok=True)  # only left over if something failed
-            (output_dir / f".{name}.old").unlink(missing_ok=True)
+    for name in contents:  # every new file is in place: the old ones can go
+        (output_dir / f".{name}.old").unlink(missing_ok=True)
     return [output_dir / name for name in contents]
 
 
