@@ -53,7 +53,8 @@ class UserError(Exception):
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
 # 60,000 to train on, and 10,000 to test on, written by other people. The test set answers one
 # question, once, at the very end: how well does the finished model read handwriting it has
-# never seen? If we also chose settings by it (the learning rate, the number of epochs...), we
+# never seen? If we also chose settings by it (the size of training's steps, the number of
+# passes over the data: both explained below), we
 # would slowly fit them to those 10,000 digits, and the final score would flatter the model.
 # So we hold out a *validation* set, 5,000 of the training digits, and make every choice, and
 # draw every per-epoch curve, on it instead. Its digits share their writers with the training
@@ -119,10 +120,10 @@ def describe_data(splits, mean, std):
 
 
 # %% 4. Batches
-# The network learns in *steps*. Each step shows it a mini-batch of B digits (B = 256 by
-# default, which validated best), measures how wrong it is, and nudges its weights. One *epoch*
-# is one pass over all the training digits in a new random order: 55,000 / 256 = 214.8, so 215
-# steps an epoch (the last batch holds 216 digits), and 2,150 steps in 10 epochs. All of MNIST
+# The network learns in *steps*. Each step shows it a mini-batch of B digits (B = 256 by default:
+# it validated as well as 64, and faster), measures how wrong it is, and nudges its weights. One
+# *epoch* is one pass over all the training digits in a new random order: 55,000 / 256 = 214.8, so
+# 215 steps an epoch (the last batch holds 216 digits), and 2,150 steps in 10 epochs. All of MNIST
 # fits in memory, so a batch is a slice of a shuffled list of indices into one big tensor.
 
 def shift_randomly(images, max_shift, background):
@@ -205,7 +206,7 @@ class MLP(nn.Module):
 # -ln(1/10) = ln(10) = 2.30. A loss far above that means that the network starts out
 # confidently wrong: look for a bug in the model or the pixels' scaling before training.
 
-@torch.no_grad()  # runs the function without recording gradients (section 9)
+@torch.no_grad()  # a decorator: nothing here needs backward(), so record nothing (section 9)
 def loss_before_training(model, images, labels):
     model.eval()  # dropout off
     loss = F.cross_entropy(model(images), labels).item()
@@ -220,14 +221,14 @@ def loss_before_training(model, images, labels):
 # computes the *gradient*: for each parameter w, how fast the loss changes as w changes,
 # dloss/dw. (torch records every operation on the way forward, and backward() goes back through
 # them with the chain rule.) An *optimizer* then moves every weight a little against its
-# gradient, downhill. Plain gradient descent (SGD) does w <- w - lr * dloss/dw: the *learning
-# rate* lr sets the size of the steps. Adam (Kingma and Ba, 2015), ours, keeps two moving
-# averages per weight, m of its gradient and v of the gradient's square, and moves the weight by
+# gradient, downhill. Plain gradient descent (SGD) does w <- w - lr * dloss/dw: the *learning rate*
+# lr sets the size of the steps. Adam (Kingma and Ba, 2015), ours, keeps two moving averages per
+# weight, m of its gradient and v of the gradient's square, and moves the weight by
 # lr * m / (sqrt(v) + 1e-8), after correcting both averages for starting at 0. Dividing by
 # sqrt(v), the gradient's typical size, makes a typical step about lr or smaller, whatever the
 # gradient's scale (the paper, section 2.1: "approximately bounded by the stepsize"; a weight
-# whose gradient was near 0 for long can move a few lr). SGD's step is lr times the gradient itself, and gradients are small, which
-# is why SGD needs a far larger lr than Adam's 3e-3 here.
+# whose gradient was near 0 for long can move a few lr). SGD's step is lr times the gradient
+# itself, and gradients are small, which is why SGD needs a far larger lr than Adam's 3e-3 here.
 # We take the step on a copy of the model, with dropout off so that no random numbers are
 # drawn: the real run stays exactly as it would be without this look.
 
@@ -240,6 +241,7 @@ def trace_one_digit(model, image, label, lr):
     loss.backward()  # fills each parameter's .grad
     # layers[0] is Flatten, so layers[1] is the first Linear, with (128, 784) weights. (flatten(1)
     # changes nothing here; it lays out exercise 8's convolution filters as rows too.)
+    # flatten returns a view of the same numbers, so `weights` will show the step's change too.
     weights = model.layers[1].weight.flatten(1)
     gradients = model.layers[1].weight.grad.flatten(1)
     # The weight with the largest gradient. argmax counts through all 128 x 784 as one list;
@@ -256,7 +258,7 @@ def trace_one_digit(model, image, label, lr):
           f"  loss -ln(p[{label}]) = -ln({probabilities[label]:.3f}) = {loss.item():.3f}\n"
           f"  first-layer weight [{unit}, {pixel}] (unit {unit}, pixel row {pixel // side}, "
           f"column {pixel % side}): {before:+.5f}, its gradient {gradient:+.5f}\n"
-          f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}: by about lr, against its gradient")
+          f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}, by about lr against the gradient")
     return probabilities, (before, gradient, after)
 
 
@@ -268,7 +270,7 @@ def trace_one_digit(model, image, label, lr):
 def train_one_epoch(model, batches, optimizer, scheduler):
     """One pass over the training batches. Returns (mean loss, accuracy) over every example."""
     model.train()  # dropout on
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # where the model's first weights are
     # Each batch's loss counts by its size, as the last batch is smaller. (Totals stay tensors:
     # an .item() per batch would make the CPU wait for a GPU each time.)
     loss_sum = torch.zeros((), device=device)
@@ -282,7 +284,7 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * len(labels)
+        loss_sum += loss.detach() * len(labels)  # detach: the number, without its graph
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
     return loss_sum.item() / seen, correct.item() / seen
@@ -327,7 +329,8 @@ def evaluate(model, images, labels, chunk=10_000):
 # Each epoch trains on every training digit once, then scores the validation digits. The train
 # numbers are running averages, taken with dropout on and shifted digits while the weights
 # still move, so they can sit below the validation numbers. If validation stops improving while
-# train keeps rising, the model has begun to memorize its training digits: it overfits.
+# train accuracy keeps rising, the model has begun to memorize its training digits: it
+# overfits (README.md, exercise 10, shows it happen).
 
 def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
     """Train; return one history row per epoch. epoch_batches() gives one epoch's batches;
@@ -379,14 +382,15 @@ def final_scores(model, splits):
         scores.update(val_accuracy=results["validation"]["accuracy"],
                       val_loss=results["validation"]["loss"])
     scores.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
-    print(", ".join(f"{name} accuracy {scores['accuracy']:.2%}" for name, scores in results.items()))
+    print(", ".join(f"{name} accuracy {result['accuracy']:.2%}"
+                    for name, result in results.items()))
     # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
     matrix = confusion_matrix(test_labels, test["predictions"], labels=range(10)).tolist()
     return {**scores, "per_class": per_class, "confusion_matrix": matrix}, test
 
 
 # %% 12. Reports
-# A run writes metrics.json and five figures (Part 2 draws them and writes all or none):
+# A run writes metrics.json, model.pt and five figures (Part 2 draws them, and writes all or none):
 # digits.png, the first training digits; training_curves.png, train against validation per
 # epoch, and the learning rate per step; confusion_matrix.png, which digit was taken for which;
 # misclassified.png, the test digits the model got most confidently wrong. first_layer.png shows
@@ -642,7 +646,8 @@ def image_files(path):
     if not path.is_dir():
         return [path]
     # Hidden files are skipped: macOS leaves ._name.png copies on exFAT and network drives.
-    files = sorted(file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")
+    files = sorted(file for file in path.iterdir() if file.is_file()
+                   and not file.name.startswith(".")
                    and file.suffix.lower() in Image.registered_extensions())
     if not files:
         raise UserError(f"{path} is a folder with no image files in it; give PNG or JPEG files")
@@ -776,8 +781,9 @@ def parse_args(argv):
     recipe = parser.add_argument_group("training recipe (the original: --lr 1e-3 "
                                        "--lr-schedule constant --max-shift 0 --batch-size 64)")
     recipe.add_argument("--epochs", type=positive_int, default=10, help="passes over the data")
-    # Each recipe default below validated best of the values tried (README.md has the table).
-    # Batch 256 validated as well as 64 (97.99% against 98.02%) in well under half the time.
+    # Each recipe default below validated best, or within noise of the best, of the values
+    # tried (README.md has the table). Batch 256 validated as well as 64 (97.99% against
+    # 98.02%) in about half the time.
     recipe.add_argument("--batch-size", type=positive_int, default=256, help="digits per step")
     # A one-cycle peak of 3e-3 validated at 97.99%, against 97.38% at 1e-3 and 97.92% at 1e-2.
     recipe.add_argument("--lr", type=number(float, math.ulp(0.0), math.inf, "a positive finite "
@@ -811,7 +817,8 @@ def parse_args(argv):
 def command_line_flags():
     """sys.argv's flags; none when a notebook kernel runs this file, as its flags are its own."""
     # Jupyter starts a kernel as "ipykernel_launcher.py -f kernel.json" (Colab's launcher is
-    # colab_kernel_launcher.py; VS Code passes --f=...), and sys.argv keeps those flags. `%run mnist.py --epochs 3` sets sys.argv anew.
+    # colab_kernel_launcher.py; VS Code passes --f=...), and sys.argv keeps those flags. `%run
+    # mnist.py --epochs 3` sets sys.argv anew.
     if "kernel" in Path(sys.argv[0]).name or any(
             flag == "-f" or flag.startswith("--f=") for flag in sys.argv[1:]):
         return []
@@ -1010,9 +1017,9 @@ def draw_reports(metrics, model, splits, test):
 #   device; a batch is then a slice, with no per-image Python and no copies to the device.
 # - Shifts. shift_randomly cuts one window per group of digits, not one per digit (section 4):
 #   (2s + 1)^2 slice copies per batch instead of a gather per pixel.
-# - Adam. fused=True does each step in one fused operation per weight tensor instead of a dozen
-#   small ones: the same arithmetic, up to rounding, with less overhead, which dominates for
-#   109,386 weights.
+# - Adam. fused=True does each step in one fused call for all the weight tensors instead of a
+#   dozen small operations per tensor: the same arithmetic, up to rounding, with less overhead,
+#   which dominates for 109,386 weights.
 #   torch has it on CUDA, on the CPU from 2.4 and on MPS from 2.5, the floor in requirements.txt.
 
 # %% Run: the last cell. In a notebook, the kernel's own flags are ignored (command_line_flags).
