@@ -466,8 +466,8 @@ def train_and_report(args):
     started = time.perf_counter()
     device = pick_device(args.device)  # Part 2: a GPU must first pass a test step
     prepare_output_dir(args.output_dir)  # Part 2: fail now, not after training
-    # One seed fixes the first weights, the dropout masks and the batch order, on one CPU type and
-    # torch version; elsewhere sums round differently (a GPU draws its own masks): expect ~0.1%.
+    # One seed fixes the first weights, dropout masks and batch order. Elsewhere (another CPU type,
+    # a GPU with its own dropout masks) sums round differently: expect agreement to about 0.1%.
     torch.manual_seed(args.seed)
     rng = torch.Generator().manual_seed(args.seed)  # the batch order, drawn on the CPU
     settings = print_settings(args, device)  # Part 2
@@ -483,7 +483,7 @@ def train_and_report(args):
     trace_one_digit(model, train_images[0], train_labels[0], args.lr)
     epochs = 1 if args.dry_run else args.epochs
     total_steps = epochs * math.ceil(len(train_images) / args.batch_size)  # 2,150 by default
-    # fused=True: one fused operation per step instead of a dozen per weight tensor; faster.
+    # fused=True: one call updates all the weights, not a dozen small operations per tensor.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
     # partial(f, a, b) is f with its arguments filled in: each call starts one epoch's batches.
