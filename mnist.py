@@ -829,9 +829,9 @@ def pick_device(name):
     """A torch.device: the one asked for, or for "auto" the first GPU that works, else the CPU."""
     # torch can report a GPU that it cannot use: a CUDA build may not support an old GPU, and
     # MPS may lack an operation. So a GPU must first run one training step (gpu_problem).
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "cpu":
         return torch.device("cpu")
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name != "auto":
         problem = gpu_problem(name) if found[name] else f"torch finds no {name} device here"
         if problem:
@@ -842,12 +842,13 @@ def pick_device(name):
                             "torch build for your GPU: see README.md, 'Install'")
         return torch.device(name)
     for kind in ("cuda", "mps"):
-        problem = gpu_problem(kind) if found[kind] else "not found"
+        if not found[kind]:
+            continue
+        problem = gpu_problem(kind)
         if problem is None:
             return torch.device(kind)
-        if found[kind]:
-            print(f"mnist.py: the {kind} device failed a test step ({problem}); the run "
-                  "continues on the CPU", file=sys.stderr)
+        print(f"mnist.py: the {kind} device failed a test step ({problem}); the run continues "
+              "on the CPU", file=sys.stderr)
     return torch.device("cpu")
 
 
@@ -861,7 +862,7 @@ def gpu_problem(kind):
         optimizer.step()
         next(model.parameters()).sum().item()  # waits for the GPU, so that its errors show here
         return None
-    except Exception as error:  # RuntimeError, NotImplementedError, torch.AcceleratorError...
+    except Exception as error:  # a RuntimeError, torch.AcceleratorError, an op MPS lacks...
         # The first sentence of the first line: torch's messages can run on for a page.
         return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
 
