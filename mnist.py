@@ -54,11 +54,10 @@ class UserError(Exception):
 # 60,000 to train on, and 10,000 to test on, written by other people. The test set answers one
 # question, once, at the very end: how well does the finished model read handwriting it has
 # never seen? If we also chose settings by it (the size of training's steps, the number of
-# passes over the data: both explained below), we
-# would slowly fit them to those 10,000 digits, and the final score would flatter the model.
-# So we hold out a *validation* set, 5,000 of the training digits, and make every choice, and
-# draw every per-epoch curve, on it instead. Its digits share their writers with the training
-# digits; only the test set measures new writers.
+# passes over the data: both explained below), we would slowly fit them to those 10,000 digits,
+# and the final score would flatter the model. So we hold out a *validation* set, 5,000 of the
+# training digits, and make every choice, and draw every per-epoch curve, on it instead. Its
+# digits share their writers with the training digits; only the test set measures new writers.
 
 def load_split(data_dir, train):
     """One MNIST split: images (N, 28, 28) uint8 in 0-255, and labels (N,) int64 in 0-9."""
@@ -132,7 +131,8 @@ def shift_randomly(images, max_shift, background):
     # A "7" one pixel to the left is still a 7, but to a fully connected network every pixel is
     # a separate input, so it must see shifted digits to learn that. Only training digits move.
     s = max_shift
-    padded = F.pad(images, (s, s, s, s), value=background)  # left, right, top, bottom: (B, 30, 30)
+    padded = F.pad(images, (s, s, s, s), value=background)  # left, right, top, bottom
+    # padded: (B, 28 + 2s, 28 + 2s)
     # The 28 x 28 window at offset (dy, dx) of a padded digit is the digit moved by (s - dy,
     # s - dx). There are (2s + 1)^2 = 9 windows for s = 1. Digits k, k + 9, k + 18, ... get
     # window k ([k::9] takes every 9th from the k-th on): 9 slice copies, not one per digit. The
@@ -239,9 +239,9 @@ def trace_one_digit(model, image, label, lr):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # layers[0] is Flatten, so layers[1] is the first Linear, with (128, 784) weights. (flatten(1)
-    # changes nothing here; it lays out exercise 8's convolution filters as rows too.)
-    # flatten returns a view of the same numbers, so `weights` will show the step's change too.
+    # layers[0] is Flatten, so layers[1] is the first Linear, with (128, 784) weights. flatten(1)
+    # changes nothing for them (it lays out exercise 8's convolution filters as rows), and it is
+    # a view of the same numbers, so `weights` will show the optimizer's step too.
     weights = model.layers[1].weight.flatten(1)
     gradients = model.layers[1].weight.grad.flatten(1)
     # The weight with the largest gradient. argmax counts through all 128 x 784 as one list;
@@ -251,11 +251,11 @@ def trace_one_digit(model, image, label, lr):
     before, gradient = weights[unit, pixel].item(), gradients[unit, pixel].item()
     torch.optim.Adam(model.parameters(), lr=lr).step()
     after = weights[unit, pixel].item()
-    label = label.item()
-    print(f"one training digit (label {label}), through a copy of the model with dropout off:\n"
+    digit = label.item()  # the label as a plain int, for printing and indexing
+    print(f"one training digit (label {digit}), through a copy of the model with dropout off:\n"
           f"  logits        {' '.join(f'{z:6.2f}' for z in logits.tolist())}\n"
           f"  probabilities {' '.join(f'{p:6.3f}' for p in probabilities.tolist())}\n"
-          f"  loss -ln(p[{label}]) = -ln({probabilities[label]:.3f}) = {loss.item():.3f}\n"
+          f"  loss -ln(p[{digit}]) = -ln({probabilities[digit]:.3f}) = {loss.item():.3f}\n"
           f"  first-layer weight [{unit}, {pixel}] (unit {unit}, pixel row {pixel // side}, "
           f"column {pixel % side}): {before:+.5f}, its gradient {gradient:+.5f}\n"
           f"  one Adam step (lr {lr:g}) moves it to {after:+.5f}, by about lr against the gradient")
@@ -277,7 +277,7 @@ def train_one_epoch(model, batches, optimizer, scheduler):
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)  # ours are there already
+        images, labels = images.to(device), labels.to(device)  # for DataLoader batches
         logits = model(images)                                 # (B, 10)
         loss = F.cross_entropy(logits, labels)                 # the mean over the batch
         optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
@@ -817,8 +817,8 @@ def parse_args(argv):
 def command_line_flags():
     """sys.argv's flags; none when a notebook kernel runs this file, as its flags are its own."""
     # Jupyter starts a kernel as "ipykernel_launcher.py -f kernel.json" (Colab's launcher is
-    # colab_kernel_launcher.py; VS Code passes --f=...), and sys.argv keeps those flags. `%run
-    # mnist.py --epochs 3` sets sys.argv anew.
+    # colab_kernel_launcher.py; VS Code passes --f=...), and sys.argv keeps those flags.
+    # `%run mnist.py --epochs 3` sets sys.argv anew.
     if "kernel" in Path(sys.argv[0]).name or any(
             flag == "-f" or flag.startswith("--f=") for flag in sys.argv[1:]):
         return []
