@@ -3,9 +3,10 @@
 1. Every report file exists and is not empty.
 2. The test accuracy in metrics.json is at least 0.975. This only catches breakage: a healthy
    run of the default recipe scores about 0.985.
-3. model.pt, loaded into a fresh MLP, reproduces exactly the test accuracy and the confusion
-   matrix that metrics.json reports, on test digits read here straight from the IDX file
-   (not through mnist.py's or torchvision's loading code). A model trained on a GPU is checked
+3. model.pt holds the normalization that metrics.json reports, and, loaded into a fresh MLP,
+   reproduces exactly the test accuracy and the confusion matrix that metrics.json reports, on
+   test digits read here straight from the IDX file (not through mnist.py's or torchvision's
+   loading code). A model trained on a GPU is checked
    here on the CPU, which adds numbers up in another order: --near-ties N lets up to N test
    digits, whose top two logits were nearly tied, come out the other way.
 
@@ -55,10 +56,13 @@ def read_idx(name):
 
 images = torch.from_numpy(read_idx("t10k-images-idx3-ubyte").astype(np.float32))  # (10000, 28, 28)
 labels = torch.from_numpy(read_idx("t10k-labels-idx1-ubyte").astype(np.int64))    # (10000,)
-mean, std = metrics["normalization"]["mean"], metrics["normalization"]["std"]
+saved = torch.load(output_dir / "model.pt", weights_only=True)
+mean, std = saved["mean"], saved["std"]
+if (mean, std) != (metrics["normalization"]["mean"], metrics["normalization"]["std"]):
+    sys.exit("FAIL: model.pt and metrics.json hold different normalizations")
 
 model = MLP()
-model.load_state_dict(torch.load(output_dir / "model.pt", weights_only=True))
+model.load_state_dict(saved["weights"])
 model.eval()
 with torch.no_grad():
     logits = model((images / 255 - mean) / std)

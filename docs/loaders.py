@@ -5,12 +5,13 @@
 Each way trains the same MLP with the same Adam and one-cycle schedule on the same 55,000
 training digits at batch 256, then scores the 5,000 validation digits, for 3 epochs, and
 prints the median seconds per epoch:
-- tensors: mnist.py's default, batches sliced from normalized tensors held in memory (no shifts
-  here, so that all three do the same work; the shifts add a little, see README.md);
+- tensors: mnist.py's way, batches sliced from normalized tensors held in memory (no shifts
+  here, so that all three do the same work);
 - TensorDataset: DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True) over
-  the same tensors, the middle way that many courses use;
+  the same tensors, the everyday form that many courses use;
 - classic: a DataLoader over torchvision's MNIST with per-image transforms (ToTensor,
-  Normalize), as `--loader dataloader` does, again without the random crop.
+  Normalize), the pipeline of most MNIST tutorials, which turns every digit into a PIL image,
+  then a tensor, one digit at a time in Python, every epoch.
 """
 
 import functools
@@ -20,26 +21,42 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist  # noqa: E402
 
-EPOCHS, BATCH_SIZE = 3, 256
-splits, (mean, std) = mnist.load_mnist("data", 5000, torch.device("cpu"))
+EPOCHS, BATCH_SIZE, VALIDATION_SIZE = 3, 256, 5000
+
+
+def classic_loader(data_dir, mean, std):
+    """torchvision's MNIST with per-image transforms, over the training digits mnist.py uses."""
+    transforms = torchvision.transforms
+    dataset = torchvision.datasets.MNIST(data_dir, transform=transforms.Compose([
+        transforms.ToTensor(),  # PIL uint8 (28, 28) -> float (1, 28, 28) in [0, 1]
+        transforms.Normalize([mean], [std])]))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    train = order[VALIDATION_SIZE:]  # as mnist.load_mnist splits them
+    # num_workers=0: worker processes would compete with training for the same CPU cores.
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, train.tolist()),
+                                       batch_size=BATCH_SIZE, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+splits, (mean, std) = mnist.load_mnist("data", VALIDATION_SIZE, "cpu")
 images, labels = splits["train"]
-args = mnist.parse_args(["--max-shift", "0", "--batch-size", str(BATCH_SIZE)])
 ways = {
     "tensors": functools.partial(mnist.shuffled_batches, images, labels, BATCH_SIZE, 0,
                                  -mean / std, torch.Generator().manual_seed(0)),
     "TensorDataset": functools.partial(iter, torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True,
         generator=torch.Generator().manual_seed(0))),
-    "classic": functools.partial(iter, mnist.make_dataloader(args, len(images), mean, std)),
+    "classic": functools.partial(iter, classic_loader("data", mean, std)),
 }
 for name, epoch_batches in ways.items():
     torch.manual_seed(0)
     model = mnist.MLP()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     scheduler = mnist.make_scheduler(optimizer, "one-cycle", EPOCHS * -(-len(images) // BATCH_SIZE))
     seconds = []
     for epoch in range(EPOCHS):
