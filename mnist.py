@@ -2,7 +2,7 @@
 
 Part 1 is the lesson: data, model, one digit through one training step, training, evaluation,
 your own handwriting, and train_model(), the recipe that puts them together. Part 2 makes it a
-tool (flags, devices, figures, one-line errors): skip it at first. "# %%" lines start notebook cells.
+tool (flags, devices, figures, one-line errors): skip it at first. "# %%" lines start cells.
 
     pip install -r requirements.txt          # README.md, "Install", says which torch suits you
     python mnist.py                          # downloads MNIST (11 MB) once, trains 10 epochs
@@ -12,19 +12,12 @@ Expect about 98.4% test accuracy in about 10 seconds on a 2-core CPU (docs/RESUL
 """
 
 # %% 1. Imports
-import argparse
 import copy
 import functools
-import json
 import math
-import os
-import pickle
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -32,13 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 from sklearn.metrics import classification_report, confusion_matrix
 
 
 # %% 2. The data
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
-# 60,000 to train on, and 10,000 to test on, written by other people. torch holds them in
+# 60,000 to train on, and 10,000 to test on, written by other people than the training digits
+# (LeCun's MNIST page: the two sets of writers are disjoint). torch holds them in
 # *tensors*, arrays of numbers with a shape: the training images are one tensor of shape
 # (60000, 28, 28). The test set answers one question, once, at the very end: how well does the
 # finished model read handwriting it has never seen? If we also chose settings by it, we would
@@ -51,7 +45,7 @@ def load_split(data_dir, train):
     dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     split, images, labels = "train" if train else "t10k", dataset.data, dataset.targets
     # Most bugs in a training script are data bugs, so check the data before trusting it.
-    if not (images.shape[1:] == (28, 28) and len(images) == len(labels) > 0
+    if not (images.shape[1:] == (28, 28) and len(images) == len(labels) and len(labels) > 0
             and labels.min() >= 0 and labels.max() <= 9):
         raise UserError(f"{Path(dataset.raw_folder).resolve()} holds {len(images):,} {split} "
                         f"images of {images.shape[1]} x {images.shape[2]} pixels and "
@@ -61,9 +55,9 @@ def load_split(data_dir, train):
 
 
 class UserError(Exception):
-    """A problem the user can fix. main() prints it in one line and exits with exit_code."""
+    """A problem the user can fix, such as a damaged file: main() prints it in one line."""
 
-    def __init__(self, message, exit_code=2):  # 2 for bad input, as argparse does; else 1
+    def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -84,13 +78,13 @@ def load_mnist(data_dir, validation_size, device):
         del splits["validation"]
     # A *device* is where tensors live and arithmetic runs: the CPU, or a GPU ("cuda" for
     # NVIDIA's, "mps" for Apple's). The data moves there once, and stays.
-    # Training usually converges faster on inputs centred on 0 with a spread of about 1 (LeCun et
-    # al., "Efficient BackProp", 1998), so pixels are scaled to [0, 1], then standardized:
-    # (pixel - mean) / std. The mean and std (about 0.13 and 0.31) come from the training digits
-    # alone, so that nothing about the validation and test digits leaks into training.
-    # div_ and sub_ work in place (a trailing _ in torch means so): no second copy of the data.
+    # Networks usually learn faster from inputs centred on 0 with a spread of about 1, so pixels
+    # are scaled to [0, 1], then standardized: (pixel - mean) / std. The mean and std (about 0.13
+    # and 0.31) come from the training digits alone, so that nothing about the validation and
+    # test digits leaks into training. div_ and sub_ work in place (a trailing _ in torch means
+    # so), which saves a second copy of the data.
     pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
-    std, mean = torch.std_mean(pixels["train"])  # note the order: std first
+    std, mean = torch.std_mean(pixels["train"])
     mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
     normalized = {name: (pixels[name].sub_(mean).div_(std), split[1].to(device))
                   for name, split in splits.items()}
@@ -114,29 +108,30 @@ def describe_data(splits, mean, std):
 # weights and biases are the network's *parameters*, the numbers that training adjusts. Between
 # layers sits ReLU(z) = max(0, z); without it two layers would collapse into one, as W2 (W1 x +
 # b1) + b2 is just another W x + b. A stack of such layers is a multi-layer perceptron, an MLP.
-# *Dropout*, in training, sets each unit's output to 0 with probability 0.2, drawn anew for every
-# digit at every step, so that the network cannot rely on any one unit, and multiplies the rest
-# by 1 / (1 - 0.2) = 1.25, keeping their expected sum. In evaluation (model.eval()) it does
-# nothing: every unit counts, unscaled. (Sizes and dropout are the original write-up's.)
+# The model works on a *batch* of B digits at once: shapes below are (B, ...).
+# A model has two modes, model.train() and model.eval(). In training, *dropout* sets each unit's
+# output to 0 with probability 0.2, drawn anew for every digit each time, so that the network
+# cannot rely on any one unit, and multiplies the others by 1 / (1 - 0.2) = 1.25, which keeps
+# their expected sum. In evaluation, dropout does nothing: every unit counts, unscaled.
 #
 # The last layer gives ten *logits*, one score per digit, any real number: the larger, the more
 # the network favours that digit. *Softmax* turns them into probabilities that sum to 1:
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
 # network is; training lowers it. *Cross-entropy* loss is -ln(p of the right digit): 0 when the
 # network is sure and right, and growing without limit as that p goes to 0. The model stops at
-# the logits, because F.cross_entropy applies softmax itself, in a numerically safer way.
+# the logits, because F.cross_entropy applies softmax itself.
 
 class MLP(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout=0.2):
         super().__init__()  # nn.Module's own set-up, which tracks the layers' parameters
         self.layers = nn.Sequential(
-            nn.Flatten(),         # (B, 28, 28) -> (B, 784): B digits, each a row of 784 pixels
+            nn.Flatten(),         # (B, 28, 28) -> (B, 784): each digit a row of 784 pixels
             nn.Linear(784, 128),  # (B, 128): 128 x 784 weights + 128 biases
             nn.ReLU(),
-            nn.Dropout(0.2),
+            nn.Dropout(dropout),
             nn.Linear(128, 64),   # (B, 64): 64 x 128 + 64
             nn.ReLU(),
-            nn.Dropout(0.2),
+            nn.Dropout(dropout),
             nn.Linear(64, 10),    # (B, 10), the logits: 10 x 64 + 10
         )
 
@@ -145,11 +140,10 @@ class MLP(nn.Module):
 
 
 # %% 4. A check before training
-# nn.Linear starts its weights small and random (uniform within +-1/sqrt(inputs)), so the ten
-# logits start close to each other, and softmax gives each digit about 1/10: an untrained
-# network is equally unsure of every digit. Cross-entropy then scores about -ln(1/10) = ln(10)
-# = 2.30. A loss far above that means it starts out confidently wrong: look for a bug in the
-# model or in the pixels' scaling before you train.
+# nn.Linear starts its weights small and random, so the ten logits start close to each other,
+# and softmax gives each digit about 1/10: an untrained network is equally unsure of every
+# digit. Cross-entropy then scores about -ln(1/10) = ln(10) = 2.30. A loss far above that means
+# it starts out confidently wrong: look for a bug in the model or in the pixels' scaling.
 
 @torch.no_grad()  # no gradients are needed here (section 5 explains them)
 def loss_before_training(model, images, labels):
@@ -162,16 +156,19 @@ def loss_before_training(model, images, labels):
 
 # %% 5. One digit, end to end
 # A training *step*: digits go in, logits come out, and the loss measures how wrong they are.
-# As this forward pass runs, torch records each operation and its inputs: a *graph* of the
-# computation. loss.backward() walks that graph backwards with the chain rule, and stores in
-# each parameter's .grad its *gradient*: how fast the loss changes as that parameter changes.
+# As this forward pass runs, torch records each operation and its inputs: a *graph* of which
+# numbers were combined, by which operation, into which. loss.backward() walks that graph
+# backwards with the chain rule of calculus, and stores in each parameter's .grad its
+# *gradient*: how fast the loss changes as that parameter changes.
 # An *optimizer* then moves every parameter a little against its gradient, downhill. Plain
 # gradient descent (SGD) does w <- w - lr * gradient: the *learning rate* lr sets the step's
 # size. Adam (Kingma and Ba, 2015), ours, keeps running averages of each parameter's gradient,
 # m, and of its square, v, and moves the parameter by lr * m / sqrt(v): the gradient divided by
 # its own typical size. So a step moves a weight by about lr or less, however large or small its
-# gradient; the first step moves it by lr exactly. Here is that step for one digit, on a copy of
-# the model with dropout off, so that no random number is drawn and the real run is unchanged.
+# gradient. On the very first step m = g and v = g^2 (Adam corrects its averages for starting
+# at 0), so the weight moves by exactly lr * g / |g| = lr. Here is that step for one digit, at
+# the small learning rate that training starts with (section 7), on a copy of the model with
+# dropout off, so that no random number is drawn and the real run is unchanged.
 
 def trace_one_digit(model, image, label, lr):
     """Print one digit's logits, probabilities and loss, and Adam's first step for one weight."""
@@ -180,10 +177,10 @@ def trace_one_digit(model, image, label, lr):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # The first Linear's weight, (128, 784): a row per unit, a column per pixel. (flatten(1)
-    # lays exercise 8's filters out in rows too, and shares the numbers, so it sees the step.)
-    weights, gradients = model.layers[1].weight.flatten(1), model.layers[1].weight.grad.flatten(1)
-    # argmax counts through all 128 x 784 as one list; divmod(position, 784) gives (row, column).
+    # The first Linear layer's weight, (128, 784): a row per unit, a column per pixel.
+    weights, gradients = model.layers[1].weight, model.layers[1].weight.grad
+    # argmax, the position of the largest value, counts through all 128 x 784 as one list;
+    # divmod(position, 784) turns it into (row, column).
     unit, pixel = divmod(gradients.abs().argmax().item(), gradients.shape[1])
     before, gradient = weights[unit, pixel].item(), gradients[unit, pixel].item()
     torch.optim.Adam(model.parameters(), lr=lr).step()
@@ -194,7 +191,7 @@ def trace_one_digit(model, image, label, lr):
           f"  loss -ln(p[{digit}]) = -ln({probabilities[digit]:.3f}) = {loss.item():.3f}\n"
           f"  the weight with the largest gradient, unit {unit}'s for pixel {pixel}: "
           f"{before:+.6f}, gradient {gradient:+.6f}\n"
-          f"  Adam's first step, at the schedule's first learning rate, lr = {lr:.6f}, moves it "
+          f"  Adam's first step, at training's first learning rate, lr = {lr:.6f}, moves it "
           f"to {after:+.6f}: by lr, against the gradient")
     return probabilities, (before, gradient, after)
 
@@ -203,11 +200,11 @@ def trace_one_digit(model, image, label, lr):
 # Training takes its steps on *mini-batches* of B digits (256 by default); a step's loss is the
 # mean over its batch. An *epoch* is one pass over all the training digits in a new random
 # order: 55,000 / 256 rounds up to 215 steps, so 10 epochs take 2,150. MNIST fits in memory,
-# so a batch is simply the digits at 256 shuffled indices: faster than the everyday form,
-# DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True).
+# so a batch is simply the digits at 256 shuffled indices. (Most tutorials do the same, more
+# slowly, with DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True).)
 
 def shift_randomly(images, max_shift, background):
-    """Move each digit by up to max_shift pixels across and down: an *augmentation*, new
+    """Move each digit by up to max_shift pixels in each direction: an *augmentation*, new
     training examples that keep their labels. (B, 28, 28) -> (B, 28, 28)."""
     # A 7 moved by a pixel is still a 7, but to a fully connected network every pixel is a
     # separate input, so it must be shown moved digits to learn that.
@@ -216,7 +213,8 @@ def shift_randomly(images, max_shift, background):
     # A 28 x 28 window cut from the padded digit at row dy, column dx shows it moved:
     #   (dy, dx) = (0, 0): s down and s right;  (s, s): not at all;  (2s, 2s): s up and s left.
     # There are (2s + 1)^2 windows, 9 for s = 1. Digits k, k + 9, k + 18, ... all get window k
-    # ([k::9] takes every 9th from the k-th): one slice per window, not one per digit.
+    # ([k::9] takes every 9th from the k-th): one slice per window, not one per digit. The
+    # batches are shuffled, so which digit gets which shift is random.
     windows = [(dy, dx) for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
     shifted = torch.empty_like(images)
     for k, (dy, dx) in enumerate(windows):
@@ -253,9 +251,8 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
         loss.backward()
         optimizer.step()
-        rates.append(scheduler.get_last_lr()[0])  # the rate this step used
+        rates.append(scheduler.get_last_lr()[0])  # the rate this step used ([0]: our one group)
         scheduler.step()
-        # The sums stay tensors: .item() would make the CPU wait for a GPU at every step.
         loss_sum += loss.detach() * len(labels)  # detach(): the number alone, without its graph
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
@@ -263,14 +260,15 @@ def train_one_epoch(model, batches, optimizer, scheduler):
 
 
 def make_scheduler(optimizer, schedule, total_steps):
-    """How the learning rate changes over the run (training_curves.png draws it)."""
-    if schedule == "constant":  # the original write-up's recipe: the rate never changes
+    """How the learning rate changes over the run (Part 2 draws it in training_curves.png)."""
+    if schedule == "constant":  # the rate never changes, as in the recipe this project began with
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    # One-cycle: warm up from lr / 25 to the peak lr over the first 15% of the steps, then
-    # anneal to almost 0. At first the weights are random and Adam's averages rest on only a few
-    # gradients, so big steps would be poorly aimed: the warm-up lets them settle. Big steps then
-    # cover ground fast, and tiny steps at the end settle into a minimum instead of bouncing
-    # around it. (cycle_momentum=False leaves Adam's other settings alone.)
+    # One-cycle: raise the rate from lr / 25 (OneCycleLR's default start) to the peak, lr, over
+    # the first 15% of the steps, then lower it to almost 0, both along a cosine curve. At first
+    # the weights are random and Adam's averages rest on only a few gradients, so big steps would
+    # be poorly aimed: this warm-up lets them settle. Big steps then cover ground fast, and tiny
+    # steps at the end settle into a low point of the loss instead of bouncing around it.
+    # (cycle_momentum=False: OneCycleLR would also change how Adam averages its gradients.)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
         pct_start=0.15, cycle_momentum=False)
@@ -295,8 +293,9 @@ def evaluate(model, images, labels):
 # %% 9. The training loop
 # Each epoch trains on every training digit once, then scores the validation digits. The train
 # numbers are averages taken while the weights still move, with dropout on and shifted digits,
-# so they can sit below the validation numbers. If validation stops improving while training
-# keeps improving, the model has begun to memorize its training digits: it *overfits*.
+# so train accuracy can sit below validation accuracy (and train loss above validation loss).
+# If validation stops improving while training keeps improving, the model has begun to memorize
+# its training digits: it *overfits*.
 
 def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
     """Train; return one history row per epoch, and every step's learning rate. epoch_batches()
@@ -333,8 +332,9 @@ def final_scores(model, splits):
     test, labels = results["test"], splits["test"][1].cpu()
     predictions, confidences = test["predictions"], test["confidences"]
     # Per digit d: precision, of the digits predicted as d, how many were d; recall, of the true
-    # d's, how many were found; F1, their harmonic mean; support, how many test digits are d.
-    # labels=range(10) keeps a row for every digit, even one that a tiny test set lacks.
+    # d's, how many were found; F1, which combines the two (their harmonic mean); support, how
+    # many test digits are d. labels=range(10) and zero_division=0: a row for every digit, even
+    # one that a tiny test set lacks or that is never predicted.
     report = classification_report(labels, predictions, labels=range(10), zero_division=0,
                                    output_dict=True)
     per_class = {digit: report[digit] for digit in map(str, range(10))}
@@ -342,12 +342,15 @@ def final_scores(model, splits):
     for digit, row in per_class.items():
         print(f"{digit:>5} {row['precision']:10.4f} {row['recall']:7.4f} {row['f1-score']:7.4f} "
               f"{row['support']:8.0f}")
-    print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in results.items()))
+    print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in
+                    results.items()))
     wrong = (predictions != labels).nonzero().flatten()
     wrong = wrong[confidences[wrong].argsort(descending=True)][:25]  # the most confident first
-    return {**{f"{name.replace('validation', 'val')}_{measure}": result[measure]
-               for name, result in results.items() for measure in ("accuracy", "loss")},
-            "per_class": per_class,
+    scores = {}
+    for name, result in results.items():  # train_accuracy, train_loss, val_accuracy, ...
+        short = "val" if name == "validation" else name
+        scores.update({f"{short}_accuracy": result["accuracy"], f"{short}_loss": result["loss"]})
+    return {**scores, "per_class": per_class,
             # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
             "confusion_matrix": confusion_matrix(labels, predictions, labels=range(10)).tolist(),
             "mistakes": [{"index": i, "label": labels[i].item(), "predicted": predictions[i].item(),
@@ -366,13 +369,14 @@ def plot_confusion_matrix(matrix):
 # %% 11. Your own handwriting
 # A model knows only data like its training data; new data unlike it is a *distribution shift*.
 # MNIST's digits are light ink on a dark background (0), scaled so that the longer side is 20
-# pixels with soft grey edges, and placed with their centre of mass at the centre of the
-# 28 x 28 field. A photo resized straight to 28 x 28 is none of these, and the network fails on
-# it. So we prepare an image the way MNIST's digits were prepared.
+# pixels with soft grey edges, and placed with their centre of mass (the ink-weighted mean
+# position) at the centre of the 28 x 28 field. A photo resized straight to 28 x 28 is none of
+# these, and the network fails on it. So we prepare an image the way MNIST's digits were.
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
-    # Paint programs save dark ink on a transparent canvas: lay it on white paper.
+    # Paint programs save dark ink on a transparent canvas (image modes RGBA, LA and PA have a
+    # transparency channel): lay it on white paper.
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     grey = np.asarray(image.convert("L"), dtype=np.float32) / 255  # (height, width) in [0, 1]
@@ -389,12 +393,12 @@ def prepare_digit(image, name="the image"):
     ink /= ink.max()
     rows, columns = np.nonzero(ink > 0.3)  # the ink's bounding box; 0.3 is above the noise
     box = ink[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
-    # Scale the box so that its longer side is 20 pixels. The Lanczos filter averages the pixels
-    # that merge, which leaves soft grey edges.
+    # Scale the box so that its longer side is 20 pixels. The Lanczos resampling filter averages
+    # the pixels that merge, which leaves soft grey edges.
     scale = 20 / max(box.shape)
     size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
-    # Put its centre of mass (the ink-weighted mean position) on pixel (14, 14), where MNIST's
+    # Put its centre of mass on pixel (14, 14), where MNIST's
     # digits have theirs. A lopsided digit may stick out of the 28 x 28 field, so it is pasted
     # into the middle of an 84 x 84 field, and the middle 28 x 28 is cut out of that.
     height, width = box.shape
@@ -409,25 +413,30 @@ def prepare_digit(image, name="the image"):
 def predict(model, digits, mean, std):
     """Digits (N, 28, 28) in [0, 1] -> (predicted digits (N,), confidences (N,))."""
     model.eval()
+    digits = digits.to(next(model.parameters()).device)  # where the model is: CPU or GPU
     # Normalized with the training mean and std, exactly as the training digits were.
     confidences, predicted = model((digits - mean) / std).softmax(dim=1).max(dim=1)
-    return predicted, confidences
+    return predicted.cpu(), confidences.cpu()
 
 
 # %% 12. The recipe: everything above, in order
-# Copy Part 1 into a notebook and run `model, metrics = train_model(epochs=1)`. Each default
-# validated best, or within noise of the best, of the values tried (docs/RESULTS.md).
+# Copy Part 1 into a notebook, then (epochs=1 takes seconds; the default 10 trains the best model):
+#     model, metrics = train_model(epochs=1)
+#     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
+#     predict(model, digit[None], metrics["normalization"]["mean"], metrics["normalization"]["std"])
+# Each default validated best, or within noise of the best, of the values tried (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
-                validation_size=5000, seed=0, data_dir="data", device="cpu", dry_run=False):
+                dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
+                dry_run=False):
     """Train the MLP on MNIST and score it once on the test set. Returns (model, metrics).
     dry_run=True trains 1 epoch on 3 batches and scores 1,000 digits: a quick check."""
     settings = {**locals(), "data_dir": str(data_dir), "device": str(device),  # the arguments
                 "torch_version": torch.__version__}
     started = time.perf_counter()
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
-    # The seed fixes the first weights, the dropout and the batches: on the same machine a run
-    # repeats exactly. Another CPU type or a GPU rounds differently: expect about 0.1% apart.
+    # The seed fixes the first weights, the dropout and the batches, so a run repeats exactly on
+    # the same machine; another CPU type or a GPU rounds differently (about 0.1% apart).
     torch.manual_seed(seed)
     splits, (mean, std) = load_mnist(data_dir, validation_size, device)
     if dry_run:
@@ -436,7 +445,7 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
                   for name, (images, labels) in splits.items()}
         epochs = 1
     describe_data(splits, mean, std)
-    model = MLP().to(device)
+    model = MLP(dropout).to(device)
     print(f"{model}\nparameters: {sum(weights.numel() for weights in model.parameters()):,}")
     train_images, train_labels = splits["train"]
     loss_before_training(model, train_images[:5000], train_labels[:5000])
@@ -458,7 +467,17 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
 # Part 2. The appendix: what a real tool needs besides the lesson. Skip it on a first read.
 # =============================================================================================
 
-# %% A. The figures
+# %% A. Part 2's own imports (Part 1 needs none of them), and the figures
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+
+import matplotlib
+from PIL import ImageOps
+
 # digits.png: the first training digits. training_curves.png: train against validation per
 # epoch, and the learning rate per step. confusion_matrix.png: which digit was taken for which.
 # misclassified.png: the test digits the model got most confidently wrong. first_layer.png: each
@@ -491,7 +510,7 @@ def plot_first_layer(model):
     tiles = (weights / weights.abs().amax(dim=1, keepdim=True)).view(-1, 1, side, side)
     mosaic = torchvision.utils.make_grid(tiles, nrow=16, padding=1, pad_value=float("nan"))[0]
     figure, axes = plt.subplots(figsize=(9.6, 0.6 * math.ceil(len(tiles) / 16) + 0.5))
-    axes.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")  # red +, blue -
+    axes.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     axes.set_title(f"The {len(tiles)} first-layer units' weights: what each one looks for")
     axes.axis("off")
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93)
@@ -542,12 +561,12 @@ def fetch_mnist(data_dir):
             torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as error:  # no network, HTTP 403, a file cut short, a folder that is a file
         raw = (Path(data_dir) / "MNIST" / "raw").resolve()
-        reason = str(error).strip().splitlines() or [type(error).__name__]
+        lines = str(error).strip().splitlines() or [type(error).__name__]
         names = [name.removesuffix(".gz") for name, _ in torchvision.datasets.MNIST.resources]
         dotted = sorted(path.name for path in raw.glob("*.idx?-ubyte")) if raw.is_dir() else []
         rename = f" Rename {', '.join(dotted)}: a hyphen, not a dot, before idx." if dotted else ""
-        raise UserError(f"could not load MNIST ({' '.join(dict.fromkeys(reason[:1] + reason[-1:]))})"
-                        f". Put the four files {', '.join(names)}, packed (.gz) or unpacked, into "
+        raise UserError(f"could not load MNIST ({' '.join(dict.fromkeys([lines[0], lines[-1]]))})."
+                        f" Put the four files {', '.join(names)}, packed (.gz) or unpacked, into "
                         f"{raw}, or point --data-dir at the folder that holds MNIST/raw/; delete "
                         f"a file there that is damaged, and run again.{rename}",
                         exit_code=1) from None
@@ -608,7 +627,8 @@ def image_files(path):
         raise UserError(f"{path} does not exist; give an image file, or a folder of them")
     if not path.is_dir():
         return [path]
-    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    readable = {suffix for suffix, kind in Image.registered_extensions().items()
+                if kind in Image.OPEN}  # not the formats that Pillow can only save, such as PDF
     # Hidden files are skipped: macOS leaves ._name.png copies on exFAT and network drives.
     files = sorted(file for file in path.iterdir() if file.is_file()
                    and not file.name.startswith(".") and file.suffix.lower() in readable)
@@ -696,6 +716,8 @@ def parse_args(argv):
                         help="how the learning rate changes over the run")
     recipe.add_argument("--max-shift", type=int, choices=range(5), default=1, metavar="{0..4}",
                         help="shift training digits by up to this many pixels (0: off)")
+    recipe.add_argument("--dropout", type=float, default=0.2, help="probability that dropout "
+                        "zeroes a unit's output in training (0: off)")
     recipe.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and order")
     recipe.add_argument("--validation-size", type=int, default=5000, help="training digits held "
                         "out to validate on; 0 trains on all 60,000")
@@ -718,6 +740,8 @@ def parse_args(argv):
                          f"{high}, not {getattr(args, flag)}")
     if not 0 < args.lr < math.inf:  # this also refuses nan, for which every comparison is false
         parser.error(f"--lr must be a positive finite number, not {args.lr}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be at least 0 and below 1, not {args.dropout}")
     return args
 
 
@@ -735,8 +759,8 @@ def train_and_write(args):
     fetch_mnist(args.data_dir)
     model, metrics = train_model(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.lr_schedule,
-        max_shift=args.max_shift, validation_size=args.validation_size, seed=args.seed,
-        data_dir=args.data_dir, device=device, dry_run=args.dry_run)
+        max_shift=args.max_shift, dropout=args.dropout, validation_size=args.validation_size,
+        seed=args.seed, data_dir=args.data_dir, device=device, dry_run=args.dry_run)
     # model.pt holds the normalization beside the weights, so that the two cannot be parted.
     saved = {"weights": {key: value.cpu() for key, value in model.state_dict().items()},
              **metrics["normalization"]}
