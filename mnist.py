@@ -119,7 +119,7 @@ def describe_data(splits, mean, std):
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
 # network is; training lowers it. *Cross-entropy* loss is -ln(p of the right digit): 0 when the
 # network is sure and right, and growing without limit as that p goes to 0. The model stops at
-# the logits, because F.cross_entropy applies softmax itself.
+# the logits, because F.cross_entropy applies softmax (in log form) itself.
 
 class MLP(nn.Module):
     def __init__(self, dropout=0.2):
@@ -163,10 +163,11 @@ def loss_before_training(model, images, labels):
 # An *optimizer* then moves every parameter a little against its gradient, downhill. Plain
 # gradient descent (SGD) does w <- w - lr * gradient: the *learning rate* lr sets the step's
 # size. Adam (Kingma and Ba, 2015), ours, keeps running averages of each parameter's gradient,
-# m, and of its square, v, and moves the parameter by lr * m / sqrt(v): the gradient divided by
-# its own typical size. So a step moves a weight by about lr or less, however large or small its
-# gradient. On the very first step m = g and v = g^2 (Adam corrects its averages for starting
-# at 0), so the weight moves by exactly lr * g / |g| = lr. Here is that step for one digit, at
+# m, and of its square, v, and moves the parameter by lr * m / (sqrt(v) + 1e-8): the gradient
+# divided by its own typical size. So a step usually moves a weight by about lr or less, however
+# large or small its gradient. On the first step Adam's averages (corrected for starting at 0)
+# are m = g and v = g^2, so every weight with a gradient g moves by lr * g / |g|, that is by lr
+# against its gradient (a weight whose gradient is 0 stays put). Here is that step for one digit, at
 # the small learning rate that training starts with (section 7), on a copy of the model with
 # dropout off, so that no random number is drawn and the real run is unchanged.
 
@@ -368,7 +369,8 @@ def plot_confusion_matrix(matrix):
 
 # %% 11. Your own handwriting
 # A model knows only data like its training data; new data unlike it is a *distribution shift*.
-# MNIST's digits are light ink on a dark background (0), scaled so that the longer side is 20
+# MNIST stores ink as high values on a background of 0 (we draw it white on black), scaled so
+# that the longer side is 20
 # pixels with soft grey edges, and placed with their centre of mass (the ink-weighted mean
 # position) at the centre of the 28 x 28 field. A photo resized straight to 28 x 28 is none of
 # these, and the network fails on it. So we prepare an image the way MNIST's digits were.
@@ -393,8 +395,8 @@ def prepare_digit(image, name="the image"):
     ink /= ink.max()
     rows, columns = np.nonzero(ink > 0.3)  # the ink's bounding box; 0.3 is above the noise
     box = ink[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
-    # Scale the box so that its longer side is 20 pixels. The Lanczos resampling filter averages
-    # the pixels that merge, which leaves soft grey edges.
+    # Scale the box so that its longer side is 20 pixels. The Lanczos resampling filter blends
+    # neighbouring pixels, which leaves soft grey edges (and can overshoot a little: clip).
     scale = 20 / max(box.shape)
     size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
@@ -424,13 +426,15 @@ def predict(model, digits, mean, std):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
 #     predict(model, digit[None], metrics["normalization"]["mean"], metrics["normalization"]["std"])
-# Each default validated best, or within noise of the best, of the values tried (docs/RESULTS.md).
+# Each default but the network's own dropout validated best, or within noise of the best, of
+# the values tried (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
                 dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
                 dry_run=False):
     """Train the MLP on MNIST and score it once on the test set. Returns (model, metrics).
-    dry_run=True trains 1 epoch on 3 batches and scores 1,000 digits: a quick check."""
+    dry_run=True trains 1 epoch on 3 batches and scores at most 1,000 digits of each other split:
+    a quick check that everything runs."""
     settings = {**locals(), "data_dir": str(data_dir), "device": str(device),  # the arguments
                 "torch_version": torch.__version__}
     started = time.perf_counter()
@@ -629,7 +633,7 @@ def image_files(path):
         return [path]
     readable = {suffix for suffix, kind in Image.registered_extensions().items()
                 if kind in Image.OPEN}  # not the formats that Pillow can only save, such as PDF
-    # Hidden files are skipped: macOS leaves ._name.png copies on exFAT and network drives.
+    # Hidden files are skipped: macOS leaves ._name.png metadata files on exFAT and network drives.
     files = sorted(file for file in path.iterdir() if file.is_file()
                    and not file.name.startswith(".") and file.suffix.lower() in readable)
     if not files:
@@ -654,7 +658,8 @@ def load_trained_model(output_dir):
         raise UserError(f"no trained model in {output_dir}: train one first with 'python "
                         "mnist.py', or point --output-dir at the folder that holds model.pt")
     try:
-        # weights_only=True reads only tensors and plain data, so a file cannot run code.
+        # weights_only=True unpickles only tensors and plain data, which blocks the usual ways
+        # that a file from elsewhere could run code (keep torch up to date).
         saved = torch.load(path, weights_only=True)
         model = MLP()
         model.load_state_dict(saved["weights"])
@@ -774,7 +779,8 @@ def main(argv=None):
     """`python mnist.py ...` in a shell, `%run mnist.py ...` in a notebook, or main([...])."""
     args = parse_args(command_line_flags() if argv is None else argv)
     in_notebook = "ipykernel" in sys.modules
-    for stream in (sys.stdout, sys.stderr):  # Windows' cp1252 has no 数: print \u6570 instead
+    # Windows writes redirected output in cp1252, which has no 数: print \u6570 instead.
+    for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure") and not in_notebook:
             stream.reconfigure(errors="backslashreplace")
     figures_before = set(plt.get_fignums())
@@ -785,7 +791,7 @@ def main(argv=None):
         if args.show and not in_notebook and (backend.lower() in ("agg", "cairo", "pdf", "pgf",
                                                "ps", "svg", "template") or "inline" in backend):
             # No display (ssh, Docker), or Colab's `!python`, which has the inline backend but no
-            # notebook to draw in: plt.show() would quietly do nothing.
+            # notebook to draw in: plt.show() would show nothing.
             print(f"--show: no window can open here (matplotlib's backend is {backend}); the "
                   f"figures are PNG files in {args.output_dir}", file=sys.stderr)
         elif args.show and not in_notebook:

@@ -3,15 +3,15 @@
     python docs/loaders.py          # about 1 minute on a 2-core CPU, after `python mnist.py`
 
 Each way trains the same MLP with the same Adam and one-cycle schedule on the same 55,000
-training digits at batch 256, then scores the 5,000 validation digits, for 3 epochs, and
-prints the median seconds per epoch:
-- tensors: mnist.py's way, batches sliced from normalized tensors held in memory (no shifts
-  here, so that all three do the same work);
+training digits at batch 256, each digit shifted at random by up to 1 pixel as mnist.py's
+default does, then scores the 5,000 validation digits, for 3 epochs, and prints the median
+seconds per epoch:
+- tensors: mnist.py's way, batches sliced from normalized tensors held in memory;
 - TensorDataset: DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True) over
-  the same tensors, the everyday form that many courses use;
-- classic: a DataLoader over torchvision's MNIST with per-image transforms (ToTensor,
-  Normalize), the pipeline of most MNIST tutorials, which turns every digit into a PIL image,
-  then a tensor, one digit at a time in Python, every epoch.
+  the same tensors, the everyday form that many courses use, with mnist.shift_randomly;
+- classic: a DataLoader over torchvision's MNIST with per-image transforms (RandomCrop with
+  1 pixel of padding, ToTensor, Normalize), the pipeline of most MNIST tutorials, which turns
+  every digit into a PIL image, then a tensor, one digit at a time in Python, every epoch.
 """
 
 import functools
@@ -33,6 +33,7 @@ def classic_loader(data_dir, mean, std):
     """torchvision's MNIST with per-image transforms, over the training digits mnist.py uses."""
     transforms = torchvision.transforms
     dataset = torchvision.datasets.MNIST(data_dir, transform=transforms.Compose([
+        transforms.RandomCrop(28, padding=1),  # pads with black, then cuts a random 28 x 28
         transforms.ToTensor(),  # PIL uint8 (28, 28) -> float (1, 28, 28) in [0, 1]
         transforms.Normalize([mean], [std])]))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
@@ -43,14 +44,20 @@ def classic_loader(data_dir, mean, std):
                                        generator=torch.Generator().manual_seed(0))
 
 
+def shifted(loader, background):
+    """One epoch of the loader's batches, each shifted as mnist.py shifts them."""
+    for batch_images, batch_labels in loader:
+        yield mnist.shift_randomly(batch_images, 1, background), batch_labels
+
+
 splits, (mean, std) = mnist.load_mnist("data", VALIDATION_SIZE, "cpu")
 images, labels = splits["train"]
 ways = {
-    "tensors": functools.partial(mnist.shuffled_batches, images, labels, BATCH_SIZE, 0,
+    "tensors": functools.partial(mnist.shuffled_batches, images, labels, BATCH_SIZE, 1,
                                  -mean / std, torch.Generator().manual_seed(0)),
-    "TensorDataset": functools.partial(iter, torch.utils.data.DataLoader(
+    "TensorDataset": functools.partial(shifted, torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True,
-        generator=torch.Generator().manual_seed(0))),
+        generator=torch.Generator().manual_seed(0)), -mean / std),
     "classic": functools.partial(iter, classic_loader("data", mean, std)),
 }
 for name, epoch_batches in ways.items():
