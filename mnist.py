@@ -8,7 +8,7 @@ tool (flags, devices, figures, one-line errors): skip it at first. "# %%" lines 
     python mnist.py                          # downloads MNIST (11 MB) once, trains 10 epochs
     python mnist.py --predict my-digit.png   # reads a digit you drew or photographed
 
-Expect about 98.4% test accuracy in about 10 seconds on a 2-core CPU (docs/RESULTS.md).
+Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
 """
 
 # %% 1. Imports
