@@ -482,13 +482,14 @@ import tempfile
 import matplotlib
 from PIL import ImageOps
 
-# digits.png: the first training digits. training_curves.png: train against validation per
-# epoch, and the learning rate per step. confusion_matrix.png: which digit was taken for which.
-# misclassified.png: the test digits the model got most confidently wrong. first_layer.png: each
-# first-layer unit's 784 weights as a 28 x 28 picture, red where ink raises the unit and blue
-# where it lowers it. Look for stroke-like detectors, and for a speckled border: a border pixel
-# is black in nearly every digit, so a unit's border weights all get nearly the same gradient
-# (about -0.42 times its bias's), and the random differences they started with never fade.
+# digits.png: the first digits in MNIST's training file. training_curves.png: train against
+# validation per epoch, and the learning rate per step. confusion_matrix.png: which digit was
+# taken for which. misclassified.png: the test digits the model got most confidently wrong.
+# first_layer.png: each first-layer unit's 784 weights as a 28 x 28 picture, red where ink
+# raises the unit and blue where it lowers it. Look for stroke-like detectors, and for a
+# speckled border: a border pixel is black in nearly every digit, so a unit's border weights all
+# get nearly the same gradient (about -0.42 times its bias's), and the random differences they
+# started with never fade.
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
@@ -543,8 +544,8 @@ def draw_reports(model, metrics, data_dir):
     test_images = load_split(data_dir, train=False)[0]
     mistakes = metrics["mistakes"]
     return {
-        "digits.png": plot_grid(train_images[:40], train_labels[:40].tolist(),
-                                "The first training digits, and their labels", columns=10),
+        "digits.png": plot_grid(train_images[:40], train_labels[:40].tolist(), "The first "
+                                "digits in MNIST's training file, and their labels", columns=10),
         "training_curves.png": plot_training_curves(metrics["history"], metrics["learning_rates"]),
         "confusion_matrix.png": plot_confusion_matrix(metrics["confusion_matrix"]),
         "misclassified.png": plot_grid(
