@@ -31,13 +31,13 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 # %% 2. The data
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
-# 60,000 to train on, and 10,000 to test on, written by other people than the training digits
-# (LeCun's MNIST page: the two sets of writers are disjoint). torch holds them in
-# *tensors*, arrays of numbers with a shape: the training images are one tensor of shape
-# (60000, 28, 28). The test set answers one question, once, at the very end: how well does the
-# finished model read handwriting it has never seen? If we also chose settings by it, we would
-# slowly fit them to those 10,000 digits, and the score would flatter the model. So we hold out
-# a *validation* set of 5,000 training digits, and make every choice on it instead.
+# 60,000 to train on, and 10,000 to test on, written by other people than the training digits.
+# torch holds them in *tensors*, arrays of numbers with a shape: the training images are one
+# tensor of shape (60000, 28, 28). The test set answers one question, once, at the very end:
+# how well does the finished model read handwriting it has never seen? If we also chose
+# settings by it, we would slowly fit them to those 10,000 digits, and the score would flatter
+# the model. So we hold out a *validation* set of 5,000 training digits, and make every choice
+# on it instead.
 
 def load_split(data_dir, train):
     """One MNIST split: images (N, 28, 28) uint8 in 0-255, and labels (N,) int64 in 0-9."""
@@ -166,10 +166,10 @@ def loss_before_training(model, images, labels):
 # m, and of its square, v, and moves the parameter by lr * m / (sqrt(v) + 1e-8): the gradient
 # divided by its own typical size. So a step usually moves a weight by about lr or less, however
 # large or small its gradient. On the first step Adam's averages (corrected for starting at 0)
-# are m = g and v = g^2, so every weight with a gradient g moves by lr * g / |g|, that is by lr
-# against its gradient (a weight whose gradient is 0 stays put). Here is that step for one digit, at
-# the small learning rate that training starts with (section 7), on a copy of the model with
-# dropout off, so that no random number is drawn and the real run is unchanged.
+# are m = g and v = g^2, so every weight with a gradient g moves by lr * g / |g|: by lr, against
+# its gradient (a weight whose gradient is 0 stays put). Here is that step for one digit, at the
+# small learning rate that training starts with (section 7), on a copy of the model with dropout
+# off, so that no random number is drawn and the real run is unchanged.
 
 def trace_one_digit(model, image, label, lr):
     """Print one digit's logits, probabilities and loss, and Adam's first step for one weight."""
@@ -370,10 +370,10 @@ def plot_confusion_matrix(matrix):
 # %% 11. Your own handwriting
 # A model knows only data like its training data; new data unlike it is a *distribution shift*.
 # MNIST stores ink as high values on a background of 0 (we draw it white on black), scaled so
-# that the longer side is 20
-# pixels with soft grey edges, and placed with their centre of mass (the ink-weighted mean
-# position) at the centre of the 28 x 28 field. A photo resized straight to 28 x 28 is none of
-# these, and the network fails on it. So we prepare an image the way MNIST's digits were.
+# that the longer side is 20 pixels with soft grey edges, and placed with its centre of mass
+# (the ink-weighted mean position) at the centre of the 28 x 28 field. A photo resized straight
+# to 28 x 28 is none of these, and the network fails on it. So we prepare an image the way
+# MNIST's digits were.
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
@@ -400,9 +400,9 @@ def prepare_digit(image, name="the image"):
     scale = 20 / max(box.shape)
     size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
-    # Put its centre of mass on pixel (14, 14), where MNIST's
-    # digits have theirs. A lopsided digit may stick out of the 28 x 28 field, so it is pasted
-    # into the middle of an 84 x 84 field, and the middle 28 x 28 is cut out of that.
+    # Put its centre of mass on pixel (14, 14), where MNIST's digits have theirs. A lopsided
+    # digit may stick out of the 28 x 28 field, so it is pasted into the middle of an 84 x 84
+    # field, and the middle 28 x 28 is cut out of that.
     height, width = box.shape
     top = 28 + round(14 - (box.sum(axis=1) * np.arange(height)).sum() / box.sum())
     left = 28 + round(14 - (box.sum(axis=0) * np.arange(width)).sum() / box.sum())
