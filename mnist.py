@@ -37,14 +37,16 @@ from sklearn.metrics import classification_report, confusion_matrix
 # how well does the finished model read handwriting it has never seen? If we also chose
 # settings by it, we would slowly fit them to those 10,000 digits, and the score would flatter
 # the model. So we hold out a *validation* set of 5,000 training digits, and make every choice
-# on it instead.
+# on it instead: each setting in this file was chosen that way (docs/RESULTS.md).
 
 def load_split(data_dir, train):
-    """One MNIST split: images (N, 28, 28) uint8 in 0-255, and labels (N,) int64 in 0-9."""
+    """One MNIST split: images (N, 28, 28) of bytes, 0-255, and labels (N,), 0-9. MNIST names
+    the files of its 10,000 test digits t10k-..."""
     # download=True fetches the four files into data_dir/MNIST/raw/ unless they are there.
     dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     split, images, labels = "train" if train else "t10k", dataset.data, dataset.targets
     # Most bugs in a training script are data bugs, so check the data before trusting it.
+    # (UserError, just below, is an error that the user can fix.)
     if not (images.shape[1:] == (28, 28) and len(images) == len(labels) and len(labels) > 0
             and labels.min() >= 0 and labels.max() <= 9):
         raise UserError(f"{Path(dataset.raw_folder).resolve()} holds {len(images):,} {split} "
@@ -63,7 +65,8 @@ class UserError(Exception):
 
 
 def load_mnist(data_dir, validation_size, device):
-    """({"train", "validation" (unless its size is 0), "test": (images, labels)}, (mean, std))."""
+    """The splits, {name: (images, labels)} on the device, and the training pixels' mean and
+    std. With validation_size 0 there is no "validation" split."""
     images, labels = load_split(data_dir, train=True)  # (60000, 28, 28), (60000,)
     if validation_size >= len(images):
         raise UserError(f"--validation-size {validation_size} leaves no digits to train on; "
@@ -84,7 +87,7 @@ def load_mnist(data_dir, validation_size, device):
     # test digits leaks into training. div_ and sub_ work in place (a trailing _ in torch means
     # so), which saves a second copy of the data.
     pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
-    std, mean = torch.std_mean(pixels["train"])
+    std, mean = torch.std_mean(pixels["train"])  # torch returns std first
     mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
     normalized = {name: (pixels[name].sub_(mean).div_(std), split[1].to(device))
                   for name, split in splits.items()}
@@ -174,11 +177,12 @@ def loss_before_training(model, images, labels):
 def trace_one_digit(model, image, label, lr):
     """Print one digit's logits, probabilities and loss, and Adam's first step for one weight."""
     model = copy.deepcopy(model).eval()  # a copy: the real model never sees this step
-    logits = model(image[None])[0]  # image[None] is a batch of one: (1, 28, 28) -> (1, 10) -> (10,)
+    logits = model(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28) -> (1, 10)
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # The first Linear layer's weight, (128, 784): a row per unit, a column per pixel.
+    # layers[1] (after layers[0], Flatten) is the first Linear layer. Its weight is (128, 784):
+    # a row per unit, a column per pixel.
     weights, gradients = model.layers[1].weight, model.layers[1].weight.grad
     # argmax, the position of the largest value, counts through all 128 x 784 as one list;
     # divmod(position, 784) turns it into (row, column).
@@ -254,7 +258,9 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         optimizer.step()
         rates.append(scheduler.get_last_lr()[0])  # the rate this step used ([0]: our one group)
         scheduler.step()
-        loss_sum += loss.detach() * len(labels)  # detach(): the number alone, without its graph
+        # The sums become tensors, and stay so until the end: .item() at every step would make
+        # the CPU wait for a GPU each time. detach(): the number alone, without its graph.
+        loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
     return loss_sum.item() / seen, correct.item() / seen, rates
@@ -284,7 +290,7 @@ def evaluate(model, images, labels):
     """{"loss", "accuracy", "predictions": (N,), "confidences": (N,)}; the last two on the CPU."""
     model.eval()
     logits = model(images)  # (N, 10)
-    # .max(dim=1) gives two tensors: each row's largest probability, and the digit where it is.
+    # .max(dim=1), along each row, gives each row's largest probability and the digit where it is.
     confidences, predictions = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
     return {"loss": F.cross_entropy(logits, labels).item(),
             "accuracy": (predictions == labels).sum().item() / len(labels),
@@ -398,7 +404,7 @@ def prepare_digit(image, name="the image"):
     # Scale the box so that its longer side is 20 pixels. The Lanczos resampling filter blends
     # neighbouring pixels, which leaves soft grey edges (and can overshoot a little: clip).
     scale = 20 / max(box.shape)
-    size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # (w, h)
+    size = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))  # PIL: (w, h)
     box = np.asarray(Image.fromarray(box).resize(size, Image.Resampling.LANCZOS)).clip(0, 1)
     # Put its centre of mass on pixel (14, 14), where MNIST's digits have theirs. A lopsided
     # digit may stick out of the 28 x 28 field, so it is pasted into the middle of an 84 x 84
@@ -426,8 +432,9 @@ def predict(model, digits, mean, std):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
 #     predict(model, digit[None], metrics["normalization"]["mean"], metrics["normalization"]["std"])
-# Each default but the network's own dropout validated best, or within noise of the best, of
-# the values tried (docs/RESULTS.md).
+#     plot_confusion_matrix(metrics["confusion_matrix"])
+# Each default validated best, or within noise of the best, of the values tried, except dropout,
+# which is part of the network this project keeps (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
                 dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
@@ -439,8 +446,9 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
                 "torch_version": torch.__version__}
     started = time.perf_counter()
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
-    # The seed fixes the first weights, the dropout and the batches, so a run repeats exactly on
-    # the same machine; another CPU type or a GPU rounds differently (about 0.1% apart).
+    # A *seed* starts torch's random numbers at a fixed point. It fixes the first weights, the
+    # dropout and the batches, so a run repeats exactly on the same machine (another CPU type or
+    # a GPU rounds differently: about 0.1% apart).
     torch.manual_seed(seed)
     splits, (mean, std) = load_mnist(data_dir, validation_size, device)
     if dry_run:
