@@ -780,8 +780,8 @@ def train_and_write(args):
              **metrics["normalization"]}
     write_reports(args.output_dir, {**draw_reports(model, metrics, args.data_dir),
                                     "model.pt": saved, "metrics.json": metrics})
-    print(f"trained and scored in {metrics['seconds']:.1f} s (imports aside); wrote the reports "
-          f"and the model into {args.output_dir}")
+    print(f"trained and scored in {metrics['seconds']:.1f} s; wrote the reports and the model "
+          f"into {args.output_dir}")
     return metrics
 
 
@@ -795,13 +795,16 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     figures_before = set(plt.get_fignums())
     try:
-        result = predict_files(args.predict, args.output_dir) if args.predict else \
-            train_and_write(args)
+        if args.predict:
+            result = predict_files(args.predict, args.output_dir)
+        else:
+            result = train_and_write(args)
         backend = matplotlib.get_backend()
-        if args.show and not in_notebook and (backend.lower() in ("agg", "cairo", "pdf", "pgf",
-                                               "ps", "svg", "template") or "inline" in backend):
-            # No display (ssh, Docker), or Colab's `!python`, which has the inline backend but no
-            # notebook to draw in: plt.show() would show nothing.
+        # No display (ssh, Docker), or Colab's `!python`, which has the inline backend but no
+        # notebook to draw in: there plt.show() would show nothing.
+        no_window = "inline" in backend or backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps",
+                                                               "svg", "template")
+        if args.show and not in_notebook and no_window:
             print(f"--show: no window can open here (matplotlib's backend is {backend}); the "
                   f"figures are PNG files in {args.output_dir}", file=sys.stderr)
         elif args.show and not in_notebook:
