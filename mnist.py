@@ -575,13 +575,14 @@ def fetch_mnist(data_dir):
     except Exception as error:  # no network, HTTP 403, a file cut short, a folder that is a file
         raw = (Path(data_dir) / "MNIST" / "raw").resolve()
         lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # torchvision's own
         names = [name.removesuffix(".gz") for name, _ in torchvision.datasets.MNIST.resources]
         dotted = sorted(path.name for path in raw.glob("*.idx?-ubyte")) if raw.is_dir() else []
         rename = f" Rename {', '.join(dotted)}: a hyphen, not a dot, before idx." if dotted else ""
-        raise UserError(f"could not load MNIST ({' '.join(dict.fromkeys([lines[0], lines[-1]]))})."
-                        f" Put the four files {', '.join(names)}, packed (.gz) or unpacked, into "
-                        f"{raw}, or point --data-dir at the folder that holds MNIST/raw/; delete "
-                        f"a file there that is damaged, and run again.{rename}",
+        raise UserError(f"could not load MNIST ({reason}). Put the four files "
+                        f"{', '.join(names)}, packed (.gz) or unpacked, into {raw}, or point "
+                        "--data-dir at the folder that holds MNIST/raw/; delete a file there that "
+                        f"is damaged, and run again.{rename}",
                         exit_code=1) from None
 
 
