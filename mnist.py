@@ -546,10 +546,9 @@ def plot_training_curves(history, rates):
     return figure
 
 
-def draw_reports(model, metrics, data_dir):
-    """Every figure of a training run, by file name."""
-    train_images, train_labels = load_split(data_dir, train=True)
-    test_images = load_split(data_dir, train=False)[0]
+def draw_reports(model, metrics, raw):
+    """Every figure of a training run, by file name. raw: fetch_mnist's unnormalized digits."""
+    (train_images, train_labels), (test_images, _) = raw["train"], raw["test"]
     mistakes = metrics["mistakes"]
     return {
         "digits.png": plot_grid(train_images[:40], train_labels[:40].tolist(), "The first "
@@ -568,10 +567,12 @@ def draw_reports(model, metrics, data_dir):
 # %% B. MNIST's files, and writing the reports
 
 def fetch_mnist(data_dir):
-    """Download MNIST unless it is there, or say in one line why torchvision cannot load it."""
+    """Download MNIST unless it is there, or say in one line why torchvision cannot load it.
+    Returns {"train", "test": (images, labels)} as stored, for the figures."""
     try:
-        for train in (True, False):
-            torchvision.datasets.MNIST(data_dir, train=train, download=True)
+        return {name: load_split(data_dir, train=name == "train") for name in ("train", "test")}
+    except UserError:
+        raise  # load_split's own one-line message: the files are not MNIST's
     except Exception as error:  # no network, HTTP 403, a file cut short, a folder that is a file
         raw = (Path(data_dir) / "MNIST" / "raw").resolve()
         lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -771,7 +772,7 @@ def train_and_write(args):
     """Train as the flags say, then write metrics.json, model.pt and the figures."""
     device = pick_device(args.device)
     prepare_output_dir(args.output_dir)  # fail now, not after training
-    fetch_mnist(args.data_dir)
+    raw = fetch_mnist(args.data_dir)
     model, metrics = train_model(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.lr_schedule,
         max_shift=args.max_shift, dropout=args.dropout, validation_size=args.validation_size,
@@ -779,7 +780,7 @@ def train_and_write(args):
     # model.pt holds the normalization beside the weights, so that the two cannot be parted.
     saved = {"weights": {key: value.cpu() for key, value in model.state_dict().items()},
              **metrics["normalization"]}
-    write_reports(args.output_dir, {**draw_reports(model, metrics, args.data_dir),
+    write_reports(args.output_dir, {**draw_reports(model, metrics, raw),
                                     "model.pt": saved, "metrics.json": metrics})
     print(f"trained and scored in {metrics['seconds']:.1f} s; wrote the reports and the model "
           f"into {args.output_dir}")

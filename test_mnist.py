@@ -839,14 +839,14 @@ def test_ctrl_c_during_training_exits_130_and_keeps_old_files(data_dir, previous
     assert snapshot(output_dir) == before
 
 
-def reports(tmp_path):
+def reports():
     figure = plt.figure(figsize=(2, 2))
     return {"a.png": figure, "b.json": {"x": 1}, "c.pt": {"w": torch.ones(2)}}
 
 
 def test_write_reports_writes_each_file_whole(tmp_path):
     (tmp_path / ".c.pt.old").write_bytes(b"left by a crash of an older version")
-    mnist.write_reports(tmp_path, reports(tmp_path))
+    mnist.write_reports(tmp_path, reports())
     assert sorted(path.name for path in tmp_path.iterdir()) == [".c.pt.old", "a.png", "b.json",
                                                                 "c.pt"]
     assert json.loads((tmp_path / "b.json").read_text()) == {"x": 1}
@@ -864,7 +864,7 @@ def test_ctrl_c_while_writing_leaves_each_report_whole_old_or_new(tmp_path, monk
         raise KeyboardInterrupt
     monkeypatch.setattr(json, "dumps", interrupt_halfway)
     with pytest.raises(KeyboardInterrupt):
-        mnist.write_reports(tmp_path, reports(tmp_path))
+        mnist.write_reports(tmp_path, reports())
     monkeypatch.setattr(json, "dumps", dumps)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b.json", "c.pt"]
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")  # written before
