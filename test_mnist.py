@@ -129,7 +129,7 @@ def draw_seven(size=(300, 220), at=(40, 30), ink=(20, 20, 30, 255), paper=(235, 
 def replay_schedule(schedule, lr, steps):
     """The learning rate and Adam's beta1 at each step, read straight off the optimizer."""
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
-    scheduler = mnist.make_scheduler(optimizer, schedule, steps)
+    scheduler = mnist.make_scheduler(optimizer, schedule, lr, steps)
     seen = []
     for _ in range(steps):
         seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
@@ -236,7 +236,7 @@ def test_one_batch_overfits_to_100_percent():
     images, labels = torch.randn(64, 28, 28), torch.randint(0, 10, (64,))
     model = mnist.MLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scheduler = mnist.make_scheduler(optimizer, "constant", 200)
+    scheduler = mnist.make_scheduler(optimizer, "constant", 1e-3, 200)
     for _ in range(200):
         mnist.train_one_epoch(model, [(images, labels)], optimizer, scheduler)
     result = mnist.evaluate(model, images, labels)
@@ -359,7 +359,7 @@ def test_saved_model_reproduces_every_reported_test_number(finished_run):
     model, (mean, std) = mnist.load_trained_model(folder / "outputs")
     assert (mean, std) == (metrics["normalization"]["mean"], metrics["normalization"]["std"])
     raw_images, labels = synthetic_digits(TEST_SIZE, seed=2)
-    predictions, confidences = mnist.predict(model, torch.from_numpy(raw_images) / 255, mean, std)
+    confidences, predictions = mnist.predict(model, torch.from_numpy(raw_images) / 255, mean, std).max(dim=1)
     assert (predictions.numpy() == labels).mean() == metrics["test_accuracy"]
     matrix = confusion_matrix(labels, predictions, labels=range(10))
     assert matrix.tolist() == metrics["confusion_matrix"] and matrix.sum() == TEST_SIZE
@@ -620,7 +620,7 @@ def test_predict_reads_digits_exactly_as_evaluation_does(finished_run):
     folder, metrics, _ = finished_run
     model, (mean, std) = mnist.load_trained_model(folder / "outputs")
     images, labels = synthetic_digits(TEST_SIZE, seed=2)
-    predicted, _ = mnist.predict(model, torch.from_numpy(images).float() / 255, mean, std)
+    predicted = mnist.predict(model, torch.from_numpy(images).float() / 255, mean, std).argmax(dim=1)
     assert (predicted.numpy() == labels).mean() == metrics["test_accuracy"]
 
 

@@ -64,7 +64,7 @@ for name, epoch_batches in ways.items():
     torch.manual_seed(0)
     model = mnist.MLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    scheduler = mnist.make_scheduler(optimizer, "one-cycle", EPOCHS * -(-len(images) // BATCH_SIZE))
+    scheduler = mnist.make_scheduler(optimizer, "one-cycle", 3e-3, EPOCHS * -(-len(images) // BATCH_SIZE))
     seconds = []
     for epoch in range(EPOCHS):
         started = time.perf_counter()

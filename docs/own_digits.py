@@ -111,7 +111,7 @@ def main():
             scores = []
             for prepare in (mnist.prepare_digit, plain_resize):
                 digits = torch.stack([prepare(image) for image in images])
-                predicted, _ = mnist.predict(model, digits, mean, std)
+                predicted = mnist.predict(model, digits, mean, std).argmax(dim=1)
                 scores.append((predicted == labels).float().mean().item())
             print(f"{name + ': ' + chosen_kind:<33} {len(chosen):>5} {scores[0]:>18.1%} "
                   f"{scores[1]:>13.1%}")
