@@ -41,13 +41,11 @@ from sklearn.metrics import classification_report, confusion_matrix
 # settings by it, we would slowly fit them to those 10,000 digits, and the score would flatter
 # the model. So we hold out a *validation* set of 5,000 training digits, and make every choice
 # on it instead: each setting in this file was chosen that way (docs/RESULTS.md).
-# Two more words. A *device* is where tensors live and arithmetic runs: the CPU, or a GPU
-# ("cuda" for NVIDIA's, "mps" for Apple's). A *seed* starts a random-number generator at a
-# fixed point, so that it draws the same numbers every time.
+# A *device* is where tensors live and arithmetic runs: the CPU or a GPU ("cuda", NVIDIA's;
+# "mps", Apple's). A *seed* makes a random-number generator draw the same numbers every time.
 
 def load_split(data_dir, train):
-    """One MNIST split: images (N, 28, 28) of bytes, 0-255, and labels (N,), 0-9. MNIST names
-    the files of its 10,000 test digits t10k-..."""
+    """One MNIST split: images (N, 28, 28) of bytes, 0-255, and labels (N,), 0-9."""
     # download=True fetches the four files into data_dir/MNIST/raw/ unless they are there.
     dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     return dataset.data, dataset.targets
@@ -55,7 +53,6 @@ def load_split(data_dir, train):
 
 class UserError(Exception):
     """A problem the user can fix, such as a blank image: main() prints it in one line."""
-
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
@@ -111,7 +108,6 @@ def describe_data(splits, mean, std):
 # output to 0 with probability 0.2, drawn anew for every digit each time, so that the network
 # cannot rely on any one unit, and multiplies the others by 1 / (1 - 0.2) = 1.25, which keeps
 # their expected sum. In evaluation, dropout does nothing: every unit counts, unscaled.
-#
 # The last layer gives ten *logits*, one score per digit, any real number: the larger, the more
 # the network favours that digit. *Softmax* turns them into probabilities that sum to 1:
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
@@ -164,10 +160,8 @@ def loss_before_training(model, images, labels):
 # size. Adam (Kingma and Ba, 2015), ours, moves each weight by lr times a running average of its
 # gradient divided by a running average of the gradient's size, so a step usually moves a weight
 # by about lr or less, however large or small its gradient; the first step, by exactly lr (a
-# weight whose gradient is 0 stays put). Here is that step for
-# one digit, at the small rate that training starts with (section 7), on a copy of the model
-# with dropout off, so that no random number is drawn and the real run is unchanged.
-# With seed 0, this prints:
+# weight whose gradient is 0 stays put). Here is that step for one digit, at the small rate
+# that training starts with (section 7). With seed 0, this prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
@@ -223,8 +217,8 @@ def shift_randomly(images, max_shift, background):
     s = max_shift
     padded = F.pad(images, (s, s, s, s), value=background)  # (B, 28 + 2s, 28 + 2s)
     # A 28 x 28 window cut from the padded digit at row dy, column dx shows it moved s - dy
-    # pixels down and s - dx right (less than 0: up, or left). There are (2s + 1)^2 windows, 9 for s = 1: every 9th digit ([k::9])
-    # gets window k, which takes one slice per window, not one per digit.
+    # pixels down and s - dx right (less than 0: up, or left). Of the (2s + 1)^2 windows, 9 for
+    # s = 1, every 9th digit of the shuffled batch ([k::9]) gets window k: one slice per window.
     windows = [(dy, dx) for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
     shifted = torch.empty_like(images)
     for k, (dy, dx) in enumerate(windows):
@@ -237,7 +231,6 @@ def shuffled_batches(images, labels, batch_size, max_shift, background, rng):
     the last batch may be smaller."""
     # A generator function: each `yield` hands out one batch. The order comes from rng, a torch
     # random-number generator on the CPU, so that a seed gives the same batches on any device.
-    # The batches are shuffled, so which digit gets which shift is random too.
     order = torch.randperm(len(images), generator=rng).to(images.device)
     for start in range(0, len(images), batch_size):
         indices = order[start:start + batch_size]
@@ -265,9 +258,9 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         # get_last_lr() is a list with a rate per group of parameters; we have one group.
         rates.append(scheduler.get_last_lr()[0])  # the rate this step used
         scheduler.step()
-        # A GPU works through a queue of operations while Python runs ahead; .item() waits for
-        # the queue to empty, so the sums stay tensors until the end of the epoch, and Python
-        # never waits mid-epoch. detach(): the number alone, without its graph.
+        # A GPU works through a queue of operations while Python runs ahead, and .item() waits
+        # for the queue to empty: so the sums stay tensors until the epoch ends. detach(): the
+        # number alone, without its graph.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
@@ -327,10 +320,9 @@ def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
                                                                   optimizer, scheduler)
         rates += epoch_rates
         if math.isnan(train_loss) or train_loss > 10 * math.log(10):  # 10 x a guess's loss
-            raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch} (a "
-                            "guess scores 2.30): training has diverged, most likely because the "
-                            "learning rate is too high. Try a smaller --lr, such as 1e-3.",
-                            exit_code=1)
+            raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch}: "
+                            "training has diverged, most likely because the learning rate is "
+                            "too high. Try a smaller --lr, such as 1e-3.", exit_code=1)
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy}
         line = f"epoch {epoch:>3}  train loss {train_loss:.4f} accuracy {train_accuracy:6.2%}"
         if validation is not None:
@@ -355,21 +347,17 @@ def final_scores(model, splits):
     # d's, how many were found; F1, which combines the two (their harmonic mean); support, how
     # many test digits are d. labels=range(10) and zero_division=0: a row for every digit, even
     # one that a tiny test set lacks or that is never predicted.
-    report = classification_report(labels, predictions, labels=range(10), zero_division=0,
-                                   output_dict=True)
-    per_class = {digit: report[digit] for digit in map(str, range(10))}
-    print("\ndigit  precision  recall      F1  support (the test set)")
-    for digit, row in per_class.items():
-        print(f"{digit:>5} {row['precision']:10.4f} {row['recall']:7.4f} {row['f1-score']:7.4f} "
-              f"{row['support']:8.0f}")
+    # partial(f, a, b) is f with some of its arguments filled in.
+    report = functools.partial(classification_report, labels, predictions, labels=range(10),
+                               zero_division=0)
+    print(f"\nthe test set:\n{report(digits=4)}")  # a row per digit, 4 decimal places
+    per_class = {key: row for key, row in report(output_dict=True).items() if key.isdigit()}
     print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in
                     results.items()))
     wrong = (predictions != labels).nonzero().flatten()
     wrong = wrong[confidences[wrong].argsort(descending=True)][:25]  # the most confident first
-    scores = {}
-    for name, result in results.items():  # train_accuracy, train_loss, val_accuracy, ...
-        short = "val" if name == "validation" else name
-        scores.update({f"{short}_accuracy": result["accuracy"], f"{short}_loss": result["loss"]})
+    scores = {f"{'val' if name == 'validation' else name}_{measure}": result[measure]  # val_loss
+              for name, result in results.items() for measure in ("accuracy", "loss")}
     return {**scores, "per_class": per_class,
             # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
             "confusion_matrix": confusion_matrix(labels, predictions, labels=range(10)).tolist(),
@@ -391,8 +379,7 @@ def plot_confusion_matrix(matrix):
 # MNIST stores ink as high values on a background of 0 (we draw it white on black), scaled so
 # that the longer side is 20 pixels with soft grey edges, and placed with its centre of mass
 # (the ink-weighted mean position) at the centre of the 28 x 28 field. A photo resized straight
-# to 28 x 28 is none of these, and the network fails on it. So we prepare an image the way
-# MNIST's digits were.
+# to 28 x 28 is none of these, and the network fails on it: so we prepare it as MNIST's were.
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
@@ -444,8 +431,7 @@ def predict(model, digits, mean, std):
 # Copy Part 1 into a notebook, then (epochs=1 takes seconds; the default 10 trains the best model):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
-#     mean, std = metrics["normalization"].values()
-#     predict(model, digit[None], mean, std).argmax()  # digit[None]: a batch of one
+#     predict(model, digit[None], **metrics["normalization"])  # (1, 10): ten probabilities
 #     plot_confusion_matrix(metrics["confusion_matrix"])
 # Each default validated best, or within noise of the best, of the values tried, except dropout:
 # without it, the network validated higher (98.24% against 97.98%, a mean over five seeds), but
@@ -481,7 +467,7 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
     total_steps = epochs * math.ceil(len(train_images) / batch_size)  # 2,150 by default
     scheduler = make_scheduler(optimizer, schedule, lr, total_steps)
     trace_one_digit(model, train_images[0], train_labels[0], scheduler.get_last_lr()[0])
-    # partial(f, a, b) is f with its arguments filled in: each call starts one epoch's batches.
+    # Each call of epoch_batches() starts one epoch's batches (partial: section 10).
     epoch_batches = functools.partial(shuffled_batches, train_images, train_labels, batch_size,
                                       max_shift, -mean / std, torch.Generator().manual_seed(seed))
     history, rates = train(model, optimizer, scheduler, epoch_batches, epochs,
@@ -506,14 +492,11 @@ import tempfile
 import matplotlib
 from PIL import ImageOps
 
-# digits.png: the first digits in MNIST's training file. training_curves.png: train against
-# validation per epoch, and the learning rate per step. confusion_matrix.png: which digit was
-# taken for which. misclassified.png: the test digits the model got most confidently wrong.
-# first_layer.png: each first-layer unit's 784 weights as a 28 x 28 picture, red where ink
+# first_layer.png draws each first-layer unit's 784 weights as a 28 x 28 picture, red where ink
 # raises the unit and blue where it lowers it. Look for stroke-like detectors, and for a
 # speckled border: a border pixel is black in nearly every digit, so a unit's border weights all
 # get nearly the same gradient (about -0.42 times its bias's), and the random differences they
-# started with never fade.
+# started with never fade. (README.md, "What you will see", lists every figure.)
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
@@ -582,31 +565,30 @@ def draw_reports(model, metrics, raw):
 # %% B. MNIST's files, and writing the reports
 
 def fetch_mnist(data_dir):
-    """Download MNIST unless it is there, or say in one line why torchvision cannot load it.
-    Returns {"train", "test": (images, labels)} as stored, for the figures."""
+    """Download MNIST unless it is there, or say in one line why torchvision cannot load it, or
+    that it is not MNIST. Returns {"train", "test": (images, labels)} as stored, for the figures."""
+    folder = (Path(data_dir) / "MNIST" / "raw").resolve()
     try:
-        raw = {name: load_split(data_dir, train=name == "train") for name in ("train", "test")}
+        stored = {name: load_split(data_dir, train=name == "train") for name in ("train", "test")}
     except Exception as error:  # no network, HTTP 403, a file cut short, a folder that is a file
-        raw = (Path(data_dir) / "MNIST" / "raw").resolve()
         lines = str(error).strip().splitlines() or [type(error).__name__]
         reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # torchvision's own
         names = [name.removesuffix(".gz") for name, _ in torchvision.datasets.MNIST.resources]
-        dotted = sorted(path.name for path in raw.glob("*.idx?-ubyte")) if raw.is_dir() else []
+        dotted = sorted(path.name for path in folder.glob("*.idx?-ubyte"))
         rename = f" Rename {', '.join(dotted)}: a hyphen, not a dot, before idx." if dotted else ""
         raise UserError(f"could not load MNIST ({reason}). Put the four files "
-                        f"{', '.join(names)}, packed (.gz) or unpacked, into {raw}, or point "
+                        f"{', '.join(names)}, packed (.gz) or unpacked, into {folder}, or point "
                         "--data-dir at the folder that holds MNIST/raw/; delete a file there that "
-                        f"is damaged, and run again.{rename}",
-                        exit_code=1) from None
-    for split, (images, labels) in raw.items():  # torchvision reads any IDX file: is it MNIST?
+                        f"is damaged, and run again.{rename}", exit_code=1) from None
+    for name, (images, labels) in stored.items():  # torchvision reads any IDX file: MNIST's?
+        prefix = "train" if name == "train" else "t10k"  # MNIST's name for its test files
         if not (images.shape[1:] == (28, 28) and len(images) == len(labels) > 0
                 and 0 <= labels.min() <= labels.max() <= 9):
-            prefix = "train" if split == "train" else "t10k"
-            raise UserError(f"{Path(data_dir, 'MNIST', 'raw').resolve()} holds {len(images):,} "
-                            f"{prefix} images of {' x '.join(map(str, images.shape[1:]))} pixels "
-                            f"and {len(labels):,} labels {labels.unique().tolist()[:10]}: not "
-                            f"MNIST's. Delete its {prefix}-* files and run again.")
-    return raw
+            raise UserError(f"{folder} holds {len(images):,} {prefix} images of "
+                            f"{' x '.join(map(str, images.shape[1:]))} pixels and {len(labels):,}"
+                            f" labels {labels.unique().tolist()[:10]}: not MNIST's. Delete its "
+                            f"{prefix}-* files and run again.")
+    return stored
 
 
 def prepare_output_dir(output_dir):
@@ -696,7 +678,7 @@ def load_trained_model(output_dir):
         saved = torch.load(path, weights_only=True)
         model = MLP()
         model.load_state_dict(saved["weights"])
-        return model, (saved["mean"], saved["std"])
+        return model, (float(saved["mean"]), float(saved["std"]))
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError, IndexError,
             AttributeError, ValueError):  # a file from elsewhere, or of another shape
         raise UserError(f"{path} does not hold this script's network with its normalization: "
@@ -755,8 +737,7 @@ def parse_args(argv):
                         help="how the learning rate changes over the run")
     recipe.add_argument("--max-shift", type=int, choices=range(5), default=1, metavar="{0..4}",
                         help="shift training digits by up to this many pixels (0: off)")
-    recipe.add_argument("--dropout", type=float, default=0.2, help="probability that dropout "
-                        "zeroes a unit's output in training (0: off)")
+    recipe.add_argument("--dropout", type=float, default=0.2, help="dropout's probability (0: off)")
     recipe.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and order")
     recipe.add_argument("--validation-size", type=int, default=5000, help="training digits held "
                         "out to validate on; 0 trains on all 60,000")
@@ -766,8 +747,7 @@ def parse_args(argv):
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                      help="auto picks the first of cuda and mps that works, else cpu")
     run.add_argument("--data-dir", type=Path, default=Path("data"), help="holds MNIST/raw/")
-    run.add_argument("--output-dir", type=Path, default=Path("outputs"),
-                     help="where the reports and the model go")
+    run.add_argument("--output-dir", type=Path, default=Path("outputs"), help="for the reports")
     run.add_argument("--dry-run", action="store_true", help="1 epoch of 3 batches: a smoke test")
     run.add_argument("--show", action="store_true", help="also open the figures in windows")
     args = parser.parse_args(argv)
@@ -785,8 +765,8 @@ def parse_args(argv):
 
 
 def command_line_flags():
-    """sys.argv's flags, but none in a notebook kernel, whose flags (-f kernel.json) are its own."""
-    # `%run mnist.py --epochs 3` in a notebook sets sys.argv anew, with no -f.
+    """sys.argv's flags, but none in a notebook kernel, whose flags (-f kernel.json) are its own.
+    `%run mnist.py --epochs 3` in a notebook sets sys.argv anew, with no -f."""
     kernel_flags = any(flag == "-f" or flag.startswith("--f=") for flag in sys.argv[1:])
     return [] if "ipykernel" in sys.modules and kernel_flags else sys.argv[1:]
 
@@ -805,8 +785,7 @@ def train_and_write(args):
              **metrics["normalization"]}
     write_reports(args.output_dir, {**draw_reports(model, metrics, raw),
                                     "model.pt": saved, "metrics.json": metrics})
-    print(f"trained and scored in {metrics['seconds']:.1f} s; wrote the reports and the model "
-          f"into {args.output_dir}")
+    print(f"trained and scored in {metrics['seconds']:.1f} s; the reports are in {args.output_dir}")
     return metrics
 
 
@@ -825,8 +804,7 @@ def main(argv=None):
         else:
             result = train_and_write(args)
         backend = matplotlib.get_backend()
-        # No display (ssh, Docker), or Colab's `!python`, which has the inline backend but no
-        # notebook to draw in: there plt.show() would show nothing.
+        # No display (ssh, Docker), or Colab's `!python` (inline, but no notebook): nothing to show.
         no_window = "inline" in backend or backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps",
                                                                "svg", "template")
         if args.show and not in_notebook and no_window:
@@ -842,10 +820,9 @@ def main(argv=None):
         print(f"\nmnist.py: interrupted; each file in {args.output_dir} is whole, old or new",
               file=sys.stderr)
         raise SystemExit(130) from None  # 128 + 2, the number of SIGINT: the shell's convention
-    finally:
-        if not in_notebook:  # a notebook shows the new figures below the cell, then closes them
-            for number in set(plt.get_fignums()) - figures_before:
-                plt.close(number)
+    finally:  # a notebook shows the new figures below the cell, then closes them itself
+        for number in set() if in_notebook else set(plt.get_fignums()) - figures_before:
+            plt.close(number)
 
 
 # %% Run: the last cell. In a notebook, the kernel's own flags are ignored (command_line_flags).
