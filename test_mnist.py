@@ -8,6 +8,7 @@ loading code runs on them exactly as it does on MNIST.
 import ast
 import contextlib
 import gzip
+import importlib.util
 import io
 import json
 import math
@@ -1014,3 +1015,123 @@ def test_show_with_a_display_shows_the_figures_and_ctrl_c_there_exits_130(traine
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.endswith(f"interrupted; each file in {output_dir} is whole, "
                                             "old or new\n")
+
+
+# --- the edits students make -----------------------------------------------------------------
+
+STUDENT_LAYERS = {  # README exercise 8's CNN, and other edits of MLP's layers that students make
+    "cnn": """nn.Sequential(
+            nn.Unflatten(1, (1, 28)),                                  # (B, 1, 28, 28)
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),           # (B, 32, 13, 13)
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),          # (B, 64, 5, 5)
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(128, 10))""",
+    "deeper": """nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(256, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10))""",
+    "batchnorm": """nn.Sequential(nn.Flatten(), nn.BatchNorm1d(784), nn.Linear(784, 128), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))""",
+    "logistic": "nn.Sequential(nn.Flatten(), nn.Linear(784, 10))",
+}
+
+
+def student_copy(tmp_path, name):
+    """A copy of mnist.py with MLP's layers replaced, and nothing else: the exercise's one edit."""
+    start = SOURCE.index("self.layers = nn.Sequential(") + len("self.layers = ")
+    end = SOURCE.index("\n        )\n", start) + len("\n        )")
+    path = tmp_path / f"{name}.py"
+    path.write_text(SOURCE[:start] + STUDENT_LAYERS[name] + SOURCE[end:], encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", STUDENT_LAYERS)
+def test_a_students_own_layers_run_end_to_end_with_that_edit_alone(tmp_path, name, data_dir,
+                                                                   capsys):
+    student = student_copy(tmp_path, name)
+    first = {"cnn": (32, 1, 3, 3), "deeper": (256, 784), "batchnorm": (128, 784),
+             "logistic": (10, 784)}[name]
+    assert student.first_layer_weights(student.MLP()).shape == first  # the copy is the edit
+    metrics = student.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"),
+                            "--dry-run", "--device", "cpu", "--validation-size", "50"])
+    output = capsys.readouterr().out
+    assert metrics["settings"]["epochs"] == 1 and len(metrics["history"]) == 1
+    assert "Adam's first step" in output and "the largest gradient" in output
+    for report in REPORTS:
+        assert (tmp_path / "out" / report).stat().st_size > 0
+    with Image.open(tmp_path / "out" / "first_layer.png") as image:  # one tile per unit or filter
+        assert image.size[1] < 400 if name in ("cnn", "logistic") else image.size[1] > 400
+    draw_seven().save(tmp_path / "seven.png")
+    predicted, _ = student.main(["--predict", str(tmp_path / "seven.png"), "--output-dir",
+                                 str(tmp_path / "out"), "--device", "cpu"])
+    assert len(predicted) == 1
+    plt.close("all")
+
+
+def test_first_layer_weights_skips_vectors_and_gives_a_row_per_filter(capsys):
+    batchnorm_first = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(784), nn.Linear(784, 10))
+    assert mnist.first_layer_weights(batchnorm_first) is batchnorm_first[2].weight
+    torch.manual_seed(0)
+    convolution = nn.Sequential(nn.Unflatten(1, (1, 28)), nn.Conv2d(1, 4, 3), nn.Flatten(),
+                                nn.Linear(4 * 26 * 26, 10))
+    assert mnist.first_layer_weights(convolution) is convolution[1].weight
+    image, label = torch.randn(28, 28), torch.tensor(5)
+    _, (before, gradient, after) = mnist.trace_one_digit(convolution, image, label, lr=0.01)
+    unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)",
+                                     capsys.readouterr().out).groups())
+    assert 0 <= unit < 4 and 0 <= pixel < 9  # a row per filter, a column per 3 x 3 weight
+    assert convolution[1].weight.flatten(1)[unit, pixel].item() == before  # the trace's copy moved
+    assert after == pytest.approx(before - 0.01 * math.copysign(1, gradient), abs=1e-7)
+
+
+def test_evaluation_sees_at_most_1000_digits_at_once_and_scores_them_all(monkeypatch):
+    torch.manual_seed(0)
+    model, images, labels = mnist.MLP(), torch.randn(2500, 28, 28), torch.randint(0, 10, (2500,))
+    sizes = []
+    model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    result = mnist.evaluate(model, images, labels)
+    assert sizes == [1000, 1000, 500]
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert torch.equal(result["predictions"], logits.argmax(dim=1))
+    assert result["accuracy"] == (logits.argmax(dim=1) == labels).sum().item() / 2500
+
+
+def test_a_16_bit_grey_image_reads_like_its_8_bit_version(tmp_path):
+    eight_bit = draw_seven().convert("L")
+    sixteen_bit = Image.fromarray(np.asarray(eight_bit).astype(np.uint16) * 257)  # 0-65535
+    sixteen_bit.save(tmp_path / "scan.png")
+    with Image.open(tmp_path / "scan.png") as reopened:  # as a scanner's file opens: I;16 or I
+        assert reopened.mode.startswith("I")
+        assert torch.allclose(mnist.prepare_digit(reopened), mnist.prepare_digit(eight_bit),
+                              atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch, indexing a tensor
+@pytest.mark.parametrize("content", [
+    torch.zeros(3), [1, 2, 3], 7, None, "weights",
+    {"weights": mnist.MLP().state_dict(), "mean": "not a number", "std": 0.3},
+    {"weights": mnist.MLP().state_dict(), "mean": 0.1},
+    {"weights": 5, "mean": 0.1, "std": 0.3},
+], ids=["a tensor", "a list", "a number", "None", "a string", "a bad mean", "no std",
+        "weights that are a number"])
+def test_a_model_pt_of_any_other_shape_gets_the_one_line_error(trained, capsys, content):
+    output_dir, folder = trained
+    torch.save(content, output_dir / "model.pt")
+    code, message = fail(["--predict", str(folder), "--output-dir", str(output_dir)], capsys)
+    assert code == 2 and "does not hold this script's network" in message
+
+
+def test_predict_uses_the_device_asked_for(trained, monkeypatch, capsys):
+    output_dir, folder = trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, message = fail(["--predict", str(folder), "--output-dir", str(output_dir),
+                          "--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda was asked for, but torch finds no cuda device" in message
+    asked = []
+    monkeypatch.setattr(mnist, "pick_device", lambda name: asked.append(name) or torch.device("meta"))
+    with pytest.raises(NotImplementedError):  # a model on the meta device holds no numbers
+        mnist.main(["--predict", str(folder), "--output-dir", str(output_dir), "--device", "mps"])
+    assert asked == ["mps"]
