@@ -7,6 +7,7 @@ loading code runs on them exactly as it does on MNIST.
 
 import ast
 import contextlib
+import copy
 import gzip
 import importlib.util
 import io
@@ -249,15 +250,170 @@ def test_train_one_epoch_averages_over_examples_and_records_each_steps_rate():
     torch.manual_seed(0)
     images, labels = torch.randn(300, 28, 28), torch.randint(0, 10, (300,))
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))  # no dropout, so no randomness
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights never move
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, total_iters=3)
+    # The first group, whose rate is recorded, holds a spare tensor; the model's weights, in the
+    # second, never move (rate 0), so that the loss can be recomputed afterwards.
+    spare = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([{"params": [spare], "lr": 0.3},
+                                 {"params": model.parameters(), "lr": 0.0}])
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.5,
+                                                  total_iters=3)
     batches = [(images[i:i + 128], labels[i:i + 128]) for i in range(0, 300, 128)]
     loss, accuracy, rates = mnist.train_one_epoch(model, batches, optimizer, scheduler)
     with torch.no_grad():
         logits = model(images)
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert accuracy == (logits.argmax(dim=1) == labels).sum().item() / 300
-    assert rates == [0.0, 0.0, 0.0]
+    assert rates == pytest.approx([0.3, 0.25, 0.2])  # each step's own rate, before it changes
+
+
+def test_train_one_epoch_takes_the_textbook_step_with_dropout_on_whatever_the_mode():
+    """zero_grad, forward with dropout on, backward, step, then the schedule: the weights must
+    come out bit for bit as from a loop written out here, and each step's rate recorded."""
+    batches = [(torch.randn(16, 28, 28), torch.randint(0, 10, (16,))) for _ in range(3)]
+
+    def fresh():
+        torch.manual_seed(1)  # the same first weights, and the same dropout draws after them
+        model = mnist.MLP()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, optimizer, mnist.make_scheduler(optimizer, "one-cycle", 1e-2, 20)
+
+    model, optimizer, scheduler = fresh()
+    model.eval()  # as evaluation leaves it
+    _, _, rates = mnist.train_one_epoch(model, batches, optimizer, scheduler)
+    reference, optimizer, scheduler = fresh()
+    expected_rates = []
+    for images, labels in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(reference(images), labels).backward()
+        optimizer.step()
+        expected_rates.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    assert rates == expected_rates and rates[0] < rates[-1]  # the warm-up rises
+    for (name, weights), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(weights, expected), name
+
+
+def test_the_network_is_two_hidden_layers_with_relu_and_dropout():
+    """784 -> 128 -> 64 -> 10, ReLU after each hidden layer; in training, dropout zeroes each
+    hidden unit with probability p and scales the rest by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    model, digits = mnist.MLP(dropout=0.5), torch.randn(256, 28, 28)
+    linear = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert [(layer.in_features, layer.out_features) for layer in linear] == [(784, 128),
+                                                                            (128, 64), (64, 10)]
+    hidden = digits.flatten(1)
+    for layer in linear[:2]:
+        hidden = layer(hidden).clamp(min=0)
+    assert torch.allclose(model.eval()(digits), linear[2](hidden), atol=1e-5)
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.register_forward_hook(lambda _, inputs, output: kept.append(
+                (output[inputs[0] != 0] / inputs[0][inputs[0] != 0])))
+    model.train()(digits)
+    assert len(kept) == 2
+    for ratios in kept:  # each unit either dropped (0) or scaled by 1 / (1 - 0.5) = 2
+        assert set(ratios.unique().round(decimals=4).tolist()) <= {0.0, 2.0}
+        assert 0.45 < (ratios == 0).float().mean() < 0.55
+
+
+def test_the_recipe_passes_dropout_black_padding_and_its_seed_on(data_dir, monkeypatch):
+    calls = []
+    batches = mnist.shuffled_batches
+    monkeypatch.setattr(mnist, "shuffled_batches", lambda *args: calls.append(args) or
+                        batches(*args))
+    model, metrics = quiet_train(data_dir, epochs=2, dropout=0.0, seed=3)
+    mean, std = metrics["normalization"].values()
+    *_, max_shift, background, rng = calls[0]
+    assert len(calls) == 2 and all(call[-1] is rng for call in calls)  # one generator, two epochs
+    assert max_shift == 1 and background == pytest.approx(-mean / std)  # a black pixel
+    assert torch.equal(rng.get_state(), torch.Generator().manual_seed(3).get_state()) is False
+    digits = torch.randn(8, 28, 28)
+    assert torch.equal(model.train()(digits), model(digits))  # dropout 0 reached the layers
+    dropped, _ = quiet_train(data_dir, epochs=1, dropout=0.5)
+    assert not torch.equal(dropped.train()(digits), dropped(digits))
+
+
+def test_a_dry_run_trains_one_epoch_of_three_batches_and_scores_at_most_1000_digits(
+        tmp_path, monkeypatch):
+    write_mnist(tmp_path / "data", train_size=2_600)
+    sizes, evaluate = [], mnist.evaluate
+    monkeypatch.setattr(mnist, "evaluate", lambda model, images, labels: sizes.append(
+        len(labels)) or evaluate(model, images, labels))
+    _, metrics = quiet_train(tmp_path / "data", epochs=5, batch_size=32, validation_size=1_500,
+                             dry_run=True)
+    assert metrics["settings"]["epochs"] == 1 and metrics["settings"]["dry_run"] is True
+    assert len(metrics["history"]) == 1 and len(metrics["learning_rates"]) == 3
+    # Before training (3 x 32 training digits), each epoch's validation, then the final scores.
+    assert sizes == [96, 1000, 96, 1000, TEST_SIZE]
+
+
+def test_each_history_row_holds_what_that_epoch_measured(data_dir, monkeypatch):
+    returned = []
+    for name in ("train_one_epoch", "evaluate"):
+        original = getattr(mnist, name)
+        monkeypatch.setattr(mnist, name, lambda *args, original=original: returned.append(
+            original(*args)) or returned[-1])
+    model, metrics = quiet_train(data_dir, epochs=2)
+    # Per epoch: one train_one_epoch, then one evaluate of the validation digits.
+    epochs = [returned[1 + 2 * i: 3 + 2 * i] for i in range(2)]  # [0]: the loss before training
+    for row, ((train_loss, train_accuracy, _), validation) in zip(metrics["history"], epochs):
+        assert (row["train_loss"], row["train_accuracy"]) == (train_loss, train_accuracy)
+        assert (row["val_loss"], row["val_accuracy"]) == (validation["loss"],
+                                                          validation["accuracy"])
+    final = dict(zip(("train", "val", "test"), returned[-3:]))
+    for split, scores in final.items():
+        assert metrics[f"{split}_loss"] == scores["loss"]
+        assert metrics[f"{split}_accuracy"] == scores["accuracy"]
+    splits, _ = mnist.load_mnist(data_dir, VALIDATION_SIZE, "cpu")
+    assert metrics["test_loss"] == evaluate_directly(model, *splits["test"])["loss"]
+
+
+def evaluate_directly(model, images, labels):
+    with torch.no_grad():
+        logits = model.eval()(images)
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "accuracy": (logits.argmax(dim=1) == labels).sum().item() / len(labels)}
+
+
+class FixedAnswers(nn.Module):
+    """A stand-in model that answers each digit with the logits stored in its first pixel row."""
+
+    def forward(self, images):
+        return images[:, 0, :10]
+
+
+def test_final_scores_orient_the_matrix_and_order_the_mistakes_by_confidence(capsys):
+    """Ten 5's: the first 4 read as 3 with rising confidence, the rest right. And three 2's,
+    read right, so that precision and recall of 3 and 5 differ."""
+    labels = torch.tensor([5] * 10 + [2] * 3)
+    logits = torch.zeros(13, 10)
+    logits[range(13), labels] = 4.0
+    for i, sureness in enumerate([1.0, 3.0, 2.0, 6.0]):
+        logits[i, 5], logits[i, 3] = 0.0, sureness
+    images = torch.zeros(13, 28, 28)
+    images[:, 0, :10] = logits
+    split = (images, labels)
+    scores = mnist.final_scores(FixedAnswers(), {"train": split, "test": split})
+    matrix = scores["confusion_matrix"]
+    assert matrix[5][3] == 4 and matrix[3][5] == 0 and matrix[5][5] == 6  # rows: true digits
+    assert [m["index"] for m in scores["mistakes"]] == [3, 1, 2, 0]  # the surest first
+    confidence = logits.softmax(dim=1).max(dim=1).values
+    for mistake in scores["mistakes"]:
+        assert (mistake["label"], mistake["predicted"]) == (5, 3)
+        assert mistake["confidence"] == pytest.approx(confidence[mistake["index"]].item())
+    assert scores["per_class"]["3"]["precision"] == 0 and scores["per_class"]["5"]["recall"] == 0.6
+    assert scores["per_class"]["5"]["precision"] == 1 and scores["per_class"]["5"]["support"] == 10
+    assert scores["test_accuracy"] == 9 / 13 and set(scores) >= {"train_loss", "test_loss"}
+    assert "     5     1.0000    0.6000" in capsys.readouterr().out
+
+
+def test_at_most_25_mistakes_are_kept():
+    labels = torch.zeros(40, dtype=torch.long)
+    images = torch.zeros(40, 28, 28)
+    images[:, 0, 1] = torch.arange(40.0) / 10  # every digit but the first read as 1, ever surer
+    scores = mnist.final_scores(FixedAnswers(), {"test": (images, labels)})
+    assert [m["index"] for m in scores["mistakes"]] == list(range(39, 14, -1))
 
 
 def test_train_one_epoch_waits_for_the_device_once_per_epoch_not_per_batch(monkeypatch):
@@ -289,6 +445,13 @@ def test_trace_one_digit_shows_probabilities_and_adams_first_step(capsys):
     random_state = torch.get_rng_state()
     probabilities, (before, gradient, after) = mnist.trace_one_digit(model, image, label, lr=0.01)
     output = capsys.readouterr().out
+    reference = copy.deepcopy(model).eval()
+    F.cross_entropy(reference(image[None]), label[None]).backward()
+    gradients = reference.layers[1].weight.grad
+    assert abs(gradient) == gradients.abs().max().item()  # the largest in size, of either sign
+    assert (gradients < 0).any() and (gradients > 0).any()
+    unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)", output).groups())
+    assert gradients[unit, pixel].item() == gradient and model.layers[1].weight[unit, pixel] == before
     assert probabilities.sum().item() == pytest.approx(1, abs=1e-6)
     assert probabilities.shape == (10,) and (probabilities > 0).all()
     # Adam's first step: m = (1 - beta1) g and v = (1 - beta2) g^2, both divided by their bias
@@ -382,14 +545,29 @@ def test_saved_model_reproduces_every_reported_test_number(finished_run):
     assert sureness == sorted(sureness, reverse=True)
 
 
-def test_every_figure_is_a_real_png(finished_run):
+def test_each_figure_is_the_one_its_name_says(finished_run):
+    """Each PNG has its own figure's size, and each figure its own titles."""
     folder, _, _ = finished_run
-    assert sorted(path.name for path in (folder / "outputs").iterdir()) == sorted(REPORTS)
-    for name in REPORTS:
-        if name.endswith(".png"):
-            with Image.open(folder / "outputs" / name) as image:
-                assert image.format == "PNG" and min(image.size) > 150
-                image.verify()
+    outputs = folder / "outputs"
+    assert sorted(path.name for path in outputs.iterdir()) == sorted(REPORTS)
+    model, _ = mnist.load_trained_model(outputs)
+    metrics = json.loads((outputs / "metrics.json").read_text())
+    figures = mnist.draw_reports(model, metrics, mnist.fetch_mnist(folder / "data"))
+    titles = {name: " ".join([figure.get_suptitle()] + [axes.get_title() for axes in figure.axes])
+              for name, figure in figures.items()}
+    assert "first digits in MNIST's training file" in titles["digits.png"]
+    assert "loss accuracy the schedule, per step" in titles["training_curves.png"]
+    assert "Confusion matrix on the test set" in titles["confusion_matrix.png"]
+    assert "Test digits the model got wrong" in titles["misclassified.png"]
+    assert "The 128 first-layer units' weights" in titles["first_layer.png"]
+    sizes = {name: tuple(round(inches * 100) for inches in figure.get_size_inches())
+             for name, figure in figures.items()}
+    assert len(set(sizes.values())) == len(sizes)  # so that two swapped files would show
+    for name, size in sizes.items():
+        with Image.open(outputs / name) as image:
+            assert image.format == "PNG" and image.size == size
+            image.verify()
+    plt.close("all")
 
 
 def test_first_layer_picture_tiles_each_units_weights_in_order():
@@ -607,7 +785,8 @@ def test_predict_prints_one_line_per_image_and_draws_them(trained, tmp_path, cap
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     paths = [single, folder / "a-seven.jpg", folder / "b-seven.png"]  # a folder: sorted images
-    assert len(lines) == 3 and len(predicted) == 3
+    assert len(lines) == 3 and len(predicted) == 3 and predicted.dtype == torch.int64
+    assert ((0.1 <= confidences) & (confidences <= 1)).all()
     for line, path, digit, confidence in zip(lines, paths, predicted, confidences):
         assert line == f"{path}: {digit} ({confidence:.1%})"
     assert captured.err == f"wrote {output_dir / 'predictions.png'}\n"
@@ -616,13 +795,46 @@ def test_predict_prints_one_line_per_image_and_draws_them(trained, tmp_path, cap
         image.verify()
 
 
-def test_predict_reads_digits_exactly_as_evaluation_does(finished_run):
-    """predict() on the test digits agrees with the test accuracy in metrics.json."""
+def test_predict_normalizes_as_training_did_and_gives_ten_probabilities(finished_run):
     folder, metrics, _ = finished_run
     model, (mean, std) = mnist.load_trained_model(folder / "outputs")
-    images, labels = synthetic_digits(TEST_SIZE, seed=2)
-    predicted = mnist.predict(model, torch.from_numpy(images).float() / 255, mean, std).argmax(dim=1)
-    assert (predicted.numpy() == labels).mean() == metrics["test_accuracy"]
+    assert (mean, std) == (metrics["normalization"]["mean"], metrics["normalization"]["std"])
+    digits = torch.rand(5, 28, 28)
+    probabilities = mnist.predict(model, digits, mean, std)
+    with torch.no_grad():
+        expected = model.eval()((digits - mean) / std).softmax(dim=1)
+    assert probabilities.shape == (5, 10) and torch.allclose(probabilities, expected)
+    assert not torch.allclose(probabilities, model(digits).softmax(dim=1), atol=1e-3)
+
+
+def test_predict_turns_a_photo_upright_and_reads_upper_case_suffixes(trained, tmp_path, capsys):
+    output_dir, _ = trained
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    upright = draw_seven().convert("RGB")
+    # A phone stores the photo as its sensor saw it, turned, with an EXIF note (orientation 6:
+    # turn it 90 degrees clockwise to show it).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.rotate(90, expand=True).save(folder / "PHOTO.JPG", exif=exif, quality=95)
+    digit = mnist.prepare_digit(mnist.open_image(folder / "PHOTO.JPG"))
+    assert (digit - mnist.prepare_digit(upright)).abs().max() < 0.15
+    assert (mnist.prepare_digit(upright.rotate(90, expand=True)) - digit).abs().max() > 0.5
+    predicted, _ = mnist.main(["--predict", str(folder), "--output-dir", str(output_dir)])
+    assert capsys.readouterr().out.startswith(f"{folder / 'PHOTO.JPG'}: ") and len(predicted) == 1
+
+
+def test_prepare_digit_centres_the_mass_not_the_box():
+    """A lopsided 7: a heavy bar on top and a thin leg, drawn off-centre on light paper."""
+    image = Image.new("L", (240, 220), 230)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([20, 10, 150, 30], fill=10)
+    draw.line([(145, 30), (140, 110)], fill=10, width=6)
+    digit = mnist.prepare_digit(image)
+    (row, column), side = ink_centre_and_box(digit)
+    assert abs(row - 14) <= 0.5 and abs(column - 14) <= 0.5 and abs(side - 20) <= 1
+    rows = np.nonzero(digit.numpy().sum(axis=1) > 0.05)[0]
+    assert (rows.min() + rows.max()) / 2 > 17  # the box's own middle lies well below the mass's
 
 
 def broken_inputs(folder):
@@ -787,9 +999,10 @@ def test_bad_flags_get_one_line_and_exit_code_2(tmp_path, capsys, flag, value, w
     assert code == 2 and flag in message and words in message
 
 
-def test_the_largest_seed_is_accepted():
+def test_the_largest_seed_is_accepted(data_dir):
     assert mnist.parse_args(["--seed", str(2**64 - 1)]).seed == 2**64 - 1
-    torch.manual_seed(2**64 - 1)  # torch takes it too
+    _, metrics = quiet_train(data_dir, epochs=1, seed=2**64 - 1, dry_run=True)
+    assert metrics["settings"]["seed"] == 2**64 - 1
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
@@ -856,20 +1069,48 @@ def test_write_reports_writes_each_file_whole(tmp_path):
     plt.close("all")
 
 
-def test_ctrl_c_while_writing_leaves_each_report_whole_old_or_new(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupted", ["a.png", "b.json", "c.pt"])
+def test_a_write_interrupted_halfway_leaves_the_old_file_byte_for_byte(tmp_path, monkeypatch,
+                                                                      interrupted):
+    """Ctrl-C after half of a file is written: that report keeps its old bytes, the ones before
+    it are new and whole, and no temporary file is left behind."""
     for name in ("a.png", "b.json", "c.pt"):
-        (tmp_path / name).write_text("old")
-    dumps = json.dumps
+        (tmp_path / name).write_bytes(b"old " + name.encode())
 
-    def interrupt_halfway(content, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(json, "dumps", interrupt_halfway)
+    def half_then_ctrl_c(write):
+        def writer(*args, **kwargs):
+            path = next(arg for arg in args if isinstance(arg, (str, Path)))
+            buffer = io.BytesIO()
+            write(*[buffer if arg is path else arg for arg in args], **kwargs)
+            Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            raise KeyboardInterrupt
+        return writer
+
+    if interrupted == "a.png":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                            half_then_ctrl_c(matplotlib.figure.Figure.savefig))
+    elif interrupted == "c.pt":
+        monkeypatch.setattr(torch, "save", half_then_ctrl_c(torch.save))
+    else:
+        monkeypatch.setattr(Path, "write_text", lambda path, text, **kwargs: (
+            path.write_bytes(text.encode()[:len(text) // 2]), (_ for _ in ()).throw(
+                KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):
         mnist.write_reports(tmp_path, reports())
-    monkeypatch.setattr(json, "dumps", dumps)
+    monkeypatch.undo()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b.json", "c.pt"]
-    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")  # written before
-    assert (tmp_path / "b.json").read_text() == (tmp_path / "c.pt").read_text() == "old"
+    order = ["a.png", "b.json", "c.pt"]
+    for name in order:
+        content = (tmp_path / name).read_bytes()
+        if order.index(name) >= order.index(interrupted):
+            assert content == b"old " + name.encode()
+        else:
+            assert content != b"old " + name.encode()  # written before: whole and new
+    if interrupted != "a.png":
+        with Image.open(tmp_path / "a.png") as image:
+            image.verify()
+    if interrupted == "c.pt":
+        assert json.loads((tmp_path / "b.json").read_text()) == {"x": 1}
     plt.close("all")
 
 

@@ -1,0 +1,204 @@
+"""Mutation testing by hand: does `python -m pytest` catch the bugs that students make?
+
+Each mutant below is one small, plausible bug in mnist.py's Part 1 or in its --predict code: a
+line deleted, two arguments swapped, a number changed. For each, a copy of mnist.py with that one
+change goes into a temporary folder beside a copy of test_mnist.py, and the suite runs there with
+-x (it stops at the first failure). A mutant is *killed* when the suite fails, and *survives*
+when it passes. Run by hand (about 10 minutes on 2 cores; CI does not run it):
+
+    python .ci/mutants.py            # every mutant
+    python .ci/mutants.py 3 17       # only mutants 3 and 17
+
+It prints one line per mutant and the kill rate, and exits 1 if any mutant survives that is not
+marked as equivalent (a change that no test can tell apart from the original, with the reason).
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (what the bug is, the text to find (exactly once), its replacement, why it is harmless or None)
+MUTANTS = [
+    # The training step
+    ("model.train() deleted", "    model.train()  # dropout on\n", "", None),
+    ("optimizer.zero_grad() deleted", "        optimizer.zero_grad()", "        pass", None),
+    ("step before backward", "        loss.backward()\n        optimizer.step()",
+     "        optimizer.step()\n        loss.backward()", None),
+    ("scheduler.step() deleted", "        scheduler.step()\n", "", None),
+    ("the rate recorded after the scheduler's step",
+     "        rates.append(scheduler.get_last_lr()[0])  # the rate this step used\n"
+     "        scheduler.step()",
+     "        scheduler.step()\n        rates.append(scheduler.get_last_lr()[0])", None),
+    ("the epoch's loss a sum of batch means", "loss_sum += loss.detach() * len(labels)",
+     "loss_sum += loss.detach()", None),
+    ("the epoch's accuracy counts batches", "        seen += len(labels)", "        seen += 1",
+     None),
+    ("the epoch's accuracy counts the wrong answers",
+     "correct += (logits.argmax(dim=1) == labels).sum()",
+     "correct += (logits.argmax(dim=1) != labels).sum()", None),
+    ("model.eval() deleted from evaluate", "    model.eval()\n    # 1,000 digits",
+     "    # 1,000 digits", None),
+    ("torch.no_grad() deleted from evaluate", "@torch.no_grad()\ndef evaluate",
+     "def evaluate", "only memory and time: no number changes"),
+    # The network
+    ("the first ReLU an identity", "            nn.ReLU(),\n            nn.Dropout(dropout),\n"
+     "            nn.Linear(128, 64)", "            nn.Identity(),\n            nn.Dropout(dropout),\n"
+     "            nn.Linear(128, 64)", None),
+    ("the second ReLU an identity", "            nn.ReLU(),\n            nn.Dropout(dropout),\n"
+     "            nn.Linear(64, 10)", "            nn.Identity(),\n            nn.Dropout(dropout),\n"
+     "            nn.Linear(64, 10)", None),
+    ("the first dropout ignores its setting", "            nn.Dropout(dropout),\n"
+     "            nn.Linear(128, 64)", "            nn.Dropout(0.2),\n            nn.Linear(128, 64)",
+     None),
+    ("the recipe ignores dropout", "model = MLP(dropout).to(device)", "model = MLP().to(device)",
+     None),
+    # The data
+    ("validation digits also trained on", "train, held_out = order[validation_size:], "
+     "order[:validation_size]", "train, held_out = order, order[:validation_size]", None),
+    ("the statistics from every split", 'std, mean = torch.std_mean(pixels["train"])',
+     "std, mean = torch.std_mean(torch.cat(list(pixels.values())))", None),
+    ("the split follows --seed", "order = torch.randperm(len(images), generator=torch.Generator()"
+     ".manual_seed(0))", "order = torch.randperm(len(images))", None),
+    ("no shuffling", "order = torch.randperm(len(images), generator=rng).to(images.device)",
+     "order = torch.arange(len(images)).to(images.device)", None),
+    ("the same order every epoch", "max_shift, -mean / std, torch.Generator().manual_seed(seed))",
+     "max_shift, -mean / std, torch.Generator())", None),
+    ("shifts pad with 0, not black", "value=background)", "value=0.0)", None),
+    ("the recipe's background is white-ish", "max_shift, -mean / std, torch.Generator()",
+     "max_shift, mean / std, torch.Generator()", None),
+    ("no shift at all", "padded[k::len(windows), dy:dy + 28, dx:dx + 28]",
+     "padded[k::len(windows), s:s + 28, s:s + 28]", None),
+    ("shifts only from 2 pixels up", "        if max_shift > 0:", "        if max_shift > 1:",
+     None),
+    ("a dry run trains on 30 batches", '"train": 3 * batch_size', '"train": 30 * batch_size',
+     None),
+    ("a dry run scores 10,000 validation digits", '"validation": 1000', '"validation": 10000',
+     None),
+    ("a dry run trains every epoch asked for", "epochs = 1 if dry_run else epochs",
+     "epochs = epochs", None),
+    ("--validation-size 0 keeps an empty validation split",
+     '    if validation_size == 0:\n        del splits["validation"]\n', "", None),
+    ("the seed ignored", "    torch.manual_seed(seed)\n", "    torch.manual_seed(0)\n", None),
+    # The schedule
+    ("the warm-up takes half the run", "pct_start=0.15", "pct_start=0.5", None),
+    ("the peak a tenth of --lr", "max_lr=lr,", "max_lr=lr / 10,", None),
+    ("the constant schedule halves the rate", "ConstantLR(optimizer, factor=1.0)",
+     "ConstantLR(optimizer, factor=0.5)", None),
+    ("the trace at the peak rate", "trace_one_digit(model, train_images[0], train_labels[0], "
+     "scheduler.get_last_lr()[0])", "trace_one_digit(model, train_images[0], train_labels[0], lr)",
+     None),
+    # The numbers reported
+    ("the loss summed, not averaged", '"loss": F.cross_entropy(logits, labels).item()',
+     '"loss": F.cross_entropy(logits, labels, reduction="sum").item()', None),
+    ("accuracy over one digit too many", '"accuracy": (predictions == labels).sum().item() / '
+     'len(labels)', '"accuracy": (predictions == labels).sum().item() / (len(labels) + 1)', None),
+    ("confidences are logits", "confidences, predictions = logits.softmax(dim=1).max(dim=1)",
+     "confidences, predictions = logits.max(dim=1)", None),
+    ("validation loss and accuracy swapped",
+     'row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])',
+     'row.update(val_loss=scores["accuracy"], val_accuracy=scores["loss"])', None),
+    ("the train row reports the accuracy as the loss",
+     '"train_loss": train_loss, "train_accuracy": train_accuracy}',
+     '"train_loss": train_accuracy, "train_accuracy": train_accuracy}', None),
+    ("the confusion matrix transposed", "confusion_matrix(labels, predictions, labels=range(10))",
+     "confusion_matrix(predictions, labels, labels=range(10))", None),
+    ("precision and recall swapped", "classification_report, labels, predictions,",
+     "classification_report, predictions, labels,", None),
+    ("the least confident mistakes first", "argsort(descending=True)][:25]", "argsort()][:25]",
+     None),
+    ("only 10 mistakes kept", "argsort(descending=True)][:25]", "argsort(descending=True)][:10]",
+     None),
+    ("the mistakes' confidence is another digit's",
+     '"confidence": confidences[i].item()', '"confidence": confidences[0].item()', None),
+    ("the trace picks the largest signed gradient", "gradients.abs().argmax().item()",
+     "gradients.argmax().item()", None),
+    ("mean and std swapped in metrics", '"normalization": {"mean": mean, "std": std}',
+     '"normalization": {"mean": std, "std": mean}', None),
+    ("divergence caught only at 100 guesses", "train_loss > 10 * math.log(10)",
+     "train_loss > 100 * math.log(10)", None),
+    # Your own digits
+    ("never inverted", "    if np.median(border) > 0.5:", "    if np.median(border) > 1.5:",
+     None),
+    ("the ink box centred, not the mass", "top = round(14 - (box.sum(axis=1) * np.arange(height))"
+     ".sum() / box.sum())", "top = round(14 - height / 2)", None),
+    ("the ink scaled to 22 pixels", "scale = 20 / max(box.shape)", "scale = 22 / max(box.shape)",
+     None),
+    ("paper laid under transparency is black",
+     'Image.alpha_composite(Image.new("RGBA", image.size, "white")',
+     'Image.alpha_composite(Image.new("RGBA", image.size, "black")', None),
+    ("16-bit grey read as 8-bit", "(image, 65535) if", "(image, 255) if", None),
+    ("the background not subtracted", "ink = np.clip(grey - np.median(border), 0, None)",
+     "ink = np.clip(grey, 0, None)", None),
+    ("predict does not normalize", "return model((digits - mean) / std).softmax(dim=1).cpu()",
+     "return model(digits).softmax(dim=1).cpu()", None),
+    ("predict's softmax across digits", "return model((digits - mean) / std).softmax(dim=1).cpu()",
+     "return model((digits - mean) / std).softmax(dim=0).cpu()", None),
+    ("EXIF rotation ignored", "return ImageOps.exif_transpose(image)", "return image", None),
+    ("upper-case suffixes skipped", "file.suffix.lower() in readable", "file.suffix in readable",
+     None),
+    ("hidden files read", 'and not file.name.startswith(".") and', "and", None),
+    ("mean and std swapped on loading", 'return model, (float(saved["mean"]), float(saved["std"]))',
+     'return model, (float(saved["std"]), float(saved["mean"]))', None),
+    ("the digit and its confidence swapped", "confidences, predicted = predict(",
+     "predicted, confidences = predict(", None),
+    ("--device ignored by --predict", "predict(model.to(pick_device(device))",
+     "predict(model.to(pick_device(\"cpu\"))", None),
+    ("a file cut short is read lazily", "            image.load()  # read it all now", "            # ", None),
+    # The tool
+    ("bad input exits 1", "def __init__(self, message, exit_code=2):",
+     "def __init__(self, message, exit_code=1):", None),
+    ("Ctrl-C exits 1", "raise SystemExit(130) from None", "raise SystemExit(1) from None", None),
+    ("a report written in place", "content.savefig(temporary, format=\"png\", dpi=100)",
+     "content.savefig(path, format=\"png\", dpi=100)", None),
+    ("metrics.json written in place", 'temporary.write_text(json.dumps(content, indent=2) + "\\n")',
+     'path.write_text(json.dumps(content, indent=2) + "\\n")', None),
+]
+
+
+def run(number, name, old, new, files):
+    source = (ROOT / "mnist.py").read_text(encoding="utf-8")
+    if source.count(old) != 1:
+        return "stale", f"the text to change occurs {source.count(old)} times"
+    with tempfile.TemporaryDirectory() as folder:
+        for file in files:
+            shutil.copy(ROOT / file, folder)
+        Path(folder, "mnist.py").write_text(source.replace(old, new), encoding="utf-8")
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
+                                     "no:cacheprovider", "test_mnist.py"], cwd=folder,
+                                    capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return "killed", "timed out"
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    return ("killed" if result.returncode else "survived"), (failed[0][7:90] if failed else "")
+
+
+def main(chosen):
+    results = []
+    for number, (name, old, new, harmless) in enumerate(MUTANTS, 1):
+        if chosen and number not in chosen:
+            continue
+        started = time.perf_counter()
+        outcome, detail = run(number, name, old, new, ["test_mnist.py"])
+        if outcome == "survived" and harmless:
+            outcome = "equivalent"
+            detail = harmless
+        results.append((number, name, outcome))
+        print(f"{number:3} {outcome:10} {time.perf_counter() - started:5.1f} s  {name}: {detail}",
+              flush=True)
+    meaningful = [r for r in results if r[2] in ("killed", "survived")]
+    killed = sum(r[2] == "killed" for r in meaningful)
+    print(f"\n{killed} of {len(meaningful)} meaningful mutants killed "
+          f"({killed / max(1, len(meaningful)):.0%}); "
+          f"{sum(r[2] == 'equivalent' for r in results)} equivalent, "
+          f"{sum(r[2] == 'stale' for r in results)} stale")
+    return 0 if killed == len(meaningful) and not any(r[2] == "stale" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main({int(argument) for argument in sys.argv[1:]}))
