@@ -305,8 +305,8 @@ def evaluate(model, images, labels):
 # numbers are averages taken while the weights still move, with dropout on and shifted digits,
 # so train accuracy can sit below validation accuracy (and train loss above validation loss).
 # If validation stops improving while training keeps improving, the model has begun to memorize
-# its training digits: it *overfits*. With seed 0, the first two epochs print (the seconds, and
-# on another type of CPU the last digits, differ):
+# its training digits: it *overfits*. The seconds differ from machine to machine, and the last
+# digits from one type of CPU to another. With seed 0, the first two epochs print:
 #   epoch   1  train loss 1.0490 accuracy 66.75%  validation loss 0.2343 accuracy 93.42%  0.52 s
 #   epoch   2  train loss 0.3059 accuracy 90.68%  validation loss 0.1419 accuracy 95.60%  0.51 s
 
