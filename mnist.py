@@ -6,12 +6,12 @@
 
 Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
 
-A map. Part 1 is the lesson, a "# %%" cell per section. The learning itself is in six pieces:
-load_mnist (the data, section 2), MLP (the network, 3), shuffled_batches (6), train_one_epoch
-(7), evaluate (8) and train (9). train_model (12) calls everything in order: it is what to copy.
-Safe to skim at first: the checks and printing (describe_data, loss_before_training,
-trace_one_digit, final_scores), shift_randomly's slicing, and your own handwriting (11).
-Part 2 makes a tool of it (flags, devices, figures, one-line errors): skip it on a first read.
+A map. Part 1 is the lesson, a "# %%" cell per section. The learning itself is in load_mnist
+(the data, section 2), MLP (the network, 3), shuffled_batches (6), train_one_epoch and
+make_scheduler (7), evaluate (8) and train (9); train_model (12) calls them in order, and
+prepare_digit and predict (11) read your own digits: these are what to copy. Safe to skim at
+first: the checks and printing (describe_data, loss_before_training, trace_one_digit,
+final_scores) and shift_randomly's slicing. Part 2 makes a tool of it: skip it on a first read.
 """
 
 # %% 1. Imports
@@ -41,8 +41,8 @@ from sklearn.metrics import classification_report, confusion_matrix
 # settings by it, we would slowly fit them to those 10,000 digits, and the score would flatter
 # the model. So we hold out a *validation* set of 5,000 training digits, and make every choice
 # on it instead: each setting in this file was chosen that way (docs/RESULTS.md).
-# A *device* is where tensors live and arithmetic runs: the CPU or a GPU ("cuda", NVIDIA's;
-# "mps", Apple's). A *seed* makes a random-number generator draw the same numbers every time.
+# A *device* is where tensors live and arithmetic runs: the CPU or a GPU ("cuda", NVIDIA's or
+# AMD's; "mps", Apple's). A *seed* makes a random-number generator draw the same numbers every time.
 
 def load_split(data_dir, train):
     """One MNIST split: images (N, 28, 28) of bytes, 0-255, and labels (N,), 0-9."""
@@ -74,10 +74,11 @@ def load_mnist(data_dir, validation_size, device):
     if validation_size == 0:
         del splits["validation"]
     # Networks usually learn faster from inputs centred on 0 with a spread of about 1, so pixels
-    # are scaled to [0, 1], then standardized: (pixel - mean) / std. The mean and std (about 0.13
-    # and 0.31) come from the training digits alone, so that nothing about the validation and
-    # test digits leaks into training. The data moves to the device once, and stays. div_ and
-    # sub_ work in place (a trailing _ in torch means so), which saves a second copy of the data.
+    # are scaled to [0, 1], then standardized: (pixel - mean) / std, std being the standard
+    # deviation. The mean and std (about 0.13 and 0.31) come from the training digits alone, so
+    # that nothing about the validation and test digits leaks into training. The data moves to the
+    # device once, and stays. div_ and sub_ work in place (a trailing _ in torch means so), which
+    # saves a second copy of the data.
     pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
     std, mean = torch.std_mean(pixels["train"])  # torch returns std first
     mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
@@ -106,8 +107,8 @@ def describe_data(splits, mean, std):
 # The model works on a *batch* of B digits at once: shapes below are (B, ...).
 # A model has two modes, model.train() and model.eval(). In training, *dropout* sets each unit's
 # output to 0 with probability 0.2, drawn anew for every digit each time, so that the network
-# cannot rely on any one unit, and multiplies the others by 1 / (1 - 0.2) = 1.25, which keeps
-# their expected sum. In evaluation, dropout does nothing: every unit counts, unscaled.
+# cannot rely on any one unit, and multiplies the others by 1 / (1 - 0.2) = 1.25, so that each unit
+# keeps its expected output. In evaluation, dropout does nothing: every unit counts, unscaled.
 # The last layer gives ten *logits*, one score per digit, any real number: the larger, the more
 # the network favours that digit. *Softmax* turns them into probabilities that sum to 1:
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
@@ -150,18 +151,20 @@ def loss_before_training(model, images, labels):
 
 
 # %% 5. One digit, end to end
-# A training *step*: digits go in, logits come out, and the loss measures how wrong they are.
-# As this forward pass runs, torch records each operation and its inputs: a *graph* of which
-# numbers were combined, by which operation, into which. loss.backward() walks that graph
-# backwards with the chain rule of calculus, and stores in each parameter's .grad its
-# *gradient*: how fast the loss changes as that parameter changes.
-# An *optimizer* then moves every parameter a little against its gradient, downhill. Plain
-# gradient descent (SGD) does w <- w - lr * gradient: the *learning rate* lr sets the step's
-# size. Adam (Kingma and Ba, 2015), ours, moves each weight by lr times a running average of its
-# gradient divided by a running average of the gradient's size, so a step usually moves a weight
-# by about lr or less, however large or small its gradient; the first step, by exactly lr (a
-# weight whose gradient is 0 stays put). Here is that step for one digit, at the small rate
-# that training starts with (section 7). With seed 0, this prints:
+# A training *step*: digits go in and logits come out (the *forward pass*), the loss measures how
+# wrong they are, and the parameters move a little to lower it. As the forward pass runs, torch
+# records each operation and its inputs: a *graph* of which numbers were combined, by which
+# operation, into which. loss.backward() walks that graph backwards with the chain rule of
+# calculus, and stores in each parameter's .grad its *gradient*: how fast the loss changes as that
+# parameter changes. An *optimizer* then moves every parameter against its gradient, downhill.
+# Plain (stochastic) gradient descent, SGD, does w <- w - lr * gradient: the *learning rate* lr
+# sets the step's size. Adam (Kingma and Ba, 2015), ours, keeps two running averages for each
+# weight, each mostly its old value plus a little of the newest gradient: m of the gradient, v of
+# its square, both corrected for starting at 0. It moves the weight by lr * m / (sqrt(v) + 1e-8),
+# so the step hardly depends on the gradient's size: usually about lr or less. On the first step m
+# = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (a weight
+# whose g is 0 stays put). Here is that step for one digit, at training's first rate, lr / 25
+# (section 7: 3e-3 / 25 = 0.00012). With seed 0, this prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
@@ -182,9 +185,8 @@ def trace_one_digit(model, image, label, lr):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1 along dimension 0, the only one
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # flatten(1) keeps dimension 0 and joins the rest: a convolution's (32, 1, 3, 3) filters
-    # become (32, 9), a row per filter. argmax, the position of the largest value, counts through
-    # the whole matrix as one list; divmod(position, row length) turns it into (row, column).
+    # flatten(1) keeps dimension 0 and joins the rest (a convolution's (32, 1, 3, 3) filters: a row
+    # each). divmod turns argmax's position, counted through all rows, into (row, column).
     weights = first_layer_weights(model)
     gradients = weights.grad.flatten(1)
     unit, pixel = divmod(gradients.abs().argmax().item(), gradients.shape[1])
@@ -205,8 +207,7 @@ def trace_one_digit(model, image, label, lr):
 # Training takes its steps on *mini-batches* of B digits (256 by default); a step's loss is the
 # mean over its batch. An *epoch* is one pass over all the training digits in a new random
 # order: 55,000 / 256 rounds up to 215 steps, so 10 epochs take 2,150. MNIST fits in memory,
-# so a batch is simply the digits at 256 shuffled indices. (Most tutorials do the same, more
-# slowly, with DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True).)
+# so a batch is simply the digits at 256 shuffled indices (DataLoader does the same, slower).
 
 def shift_randomly(images, max_shift, background):
     """Move each digit by up to max_shift pixels in each direction: an *augmentation*, new
@@ -229,8 +230,8 @@ def shift_randomly(images, max_shift, background):
 def shuffled_batches(images, labels, batch_size, max_shift, background, rng):
     """One epoch of (images (B, 28, 28), labels (B,)) batches, in a new random order each time;
     the last batch may be smaller."""
-    # A generator function: each `yield` hands out one batch. The order comes from rng, a torch
-    # random-number generator on the CPU, so that a seed gives the same batches on any device.
+    # Each `yield` hands out one batch, when the loop asks for it. The order comes from rng, a
+    # torch random-number generator on the CPU, so a seed gives the same batches on any device.
     order = torch.randperm(len(images), generator=rng).to(images.device)
     for start in range(0, len(images), batch_size):
         indices = order[start:start + batch_size]
@@ -258,9 +259,8 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         # get_last_lr() is a list with a rate per group of parameters; we have one group.
         rates.append(scheduler.get_last_lr()[0])  # the rate this step used
         scheduler.step()
-        # A GPU works through a queue of operations while Python runs ahead, and .item() waits
-        # for the queue to empty: so the sums stay tensors until the epoch ends. detach(): the
-        # number alone, without its graph.
+        # The sums stay tensors: .item() would make Python wait at every step for a GPU to finish
+        # its queued work. detach(): the number alone, without its graph.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
@@ -273,9 +273,9 @@ def make_scheduler(optimizer, schedule, lr, total_steps):
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     # One-cycle: raise the rate from lr / 25 (OneCycleLR's default start) to the peak, lr, over
     # the first 15% of the steps, then lower it to almost 0, both along a cosine curve. At first
-    # the weights are random and Adam's averages rest on only a few gradients, so big steps would
-    # be poorly aimed: this warm-up lets them settle. Big steps then cover ground fast, and tiny
-    # steps at the end settle into a low point of the loss instead of bouncing around it.
+    # the weights are random and Adam's averages rest on only a few gradients, yet Adam moves every
+    # weight by about lr: the warm-up keeps these poorly aimed steps small. Big steps then cover
+    # ground fast, and tiny steps at the end settle into a low point of the loss.
     # cycle_momentum=False: OneCycleLR would also vary how much of the past Adam's running
     # average of gradients keeps (its "momentum"); we keep Adam's default.
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
@@ -290,8 +290,8 @@ def make_scheduler(optimizer, schedule, lr, total_steps):
 def evaluate(model, images, labels):
     """{"loss", "accuracy", "predictions": (N,), "confidences": (N,)}; the last two on the CPU."""
     model.eval()
-    # 1,000 digits at a time: all 55,000 training digits at once would need about 9.5 GB for
-    # the activations of a convolutional network (README, exercise 8).
+    # 1,000 digits at a time: all 55,000 training digits at once would hold every layer's output
+    # for all of them, about 9.5 GB for README exercise 8's convolutional network.
     logits = torch.cat([model(chunk) for chunk in images.split(1000)])  # (N, 10)
     # .max(dim=1), along each row, gives each row's largest probability and the digit where it is.
     confidences, predictions = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
@@ -306,7 +306,7 @@ def evaluate(model, images, labels):
 # so train accuracy can sit below validation accuracy (and train loss above validation loss).
 # If validation stops improving while training keeps improving, the model has begun to memorize
 # its training digits: it *overfits*. The seconds differ from machine to machine, and the last
-# digits from one type of CPU to another. With seed 0, the first two epochs print:
+# decimals from one type of CPU to another. With seed 0, the first two epochs print:
 #   epoch   1  train loss 1.0490 accuracy 66.75%  validation loss 0.2343 accuracy 93.42%  0.52 s
 #   epoch   2  train loss 0.3059 accuracy 90.68%  validation loss 0.1419 accuracy 95.60%  0.51 s
 
@@ -383,8 +383,7 @@ def plot_confusion_matrix(matrix):
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
-    # Paint programs save dark ink on a transparent canvas (image modes RGBA, LA and PA have a
-    # transparency channel): lay it on white paper.
+    # Paint programs save dark ink on a transparent canvas: lay it on white paper.
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     # Scanners can save 16-bit grey (modes I;16 and I: 0-65535), which convert("L") would clip.
@@ -428,21 +427,22 @@ def predict(model, digits, mean, std):
 
 
 # %% 12. The recipe: everything above, in order
-# Copy Part 1 into a notebook, then (epochs=1 takes seconds; the default 10 trains the best model):
+# Copy Part 1 into a notebook (pip install torch torchvision matplotlib seaborn scikit-learn),
+# then (epochs=1 takes seconds; the default 10 trains the best model):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
-#     predict(model, digit[None], **metrics["normalization"])  # (1, 10): ten probabilities
+#     predict(model, digit[None], **metrics["normalization"]).argmax()  # the digit it reads
 #     plot_confusion_matrix(metrics["confusion_matrix"])
-# Each default validated best, or within noise of the best, of the values tried, except dropout:
-# without it, the network validated higher (98.24% against 97.98%, a mean over five seeds), but
-# dropout 0.2 is part of the network this project set out to keep (docs/RESULTS.md).
+# Each default validated best, or within noise of the best, of the values tried. Dropout is the
+# exception: without it the network validated higher (98.24% against 97.98%, over five seeds),
+# so a network of your own would drop it; we keep 0.2 because the network that this project
+# reproduces has it (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
                 dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
                 dry_run=False):
     """Train the MLP on MNIST and score it once on the test set. Returns (model, metrics).
-    dry_run=True trains 1 epoch on 3 batches and scores at most 1,000 digits of each other split:
-    a quick check that everything runs."""
+    dry_run=True: 1 epoch of 3 batches, at most 1,000 digits scored per split, a quick check."""
     epochs = 1 if dry_run else epochs
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                     max_shift=max_shift, dropout=dropout, validation_size=validation_size,
@@ -580,7 +580,7 @@ def fetch_mnist(data_dir):
                         f"{', '.join(names)}, packed (.gz) or unpacked, into {folder}, or point "
                         "--data-dir at the folder that holds MNIST/raw/; delete a file there that "
                         f"is damaged, and run again.{rename}", exit_code=1) from None
-    for name, (images, labels) in stored.items():  # torchvision reads any IDX file: MNIST's?
+    for name, (images, labels) in stored.items():  # torchvision reads any image IDX: MNIST's?
         prefix = "train" if name == "train" else "t10k"  # MNIST's name for its test files
         if not (images.shape[1:] == (28, 28) and len(images) == len(labels) > 0
                 and 0 <= labels.min() <= labels.max() <= 9):

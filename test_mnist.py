@@ -713,16 +713,16 @@ def test_a_stray_f_flag_in_a_shell_is_an_error_not_a_silent_default(monkeypatch,
 
 
 def test_main_in_a_notebook_keeps_its_figures_and_streams_and_the_callers_figures(
-        finished_run, tmp_path, monkeypatch):
+        trained, tmp_path, monkeypatch):
     """In a kernel the new figures stay open, so they show inline below the cell; outside one
     they are closed. Either way the caller's own figure is left alone."""
-    folder, _, _ = finished_run
+    output_dir, _ = trained
     mine = plt.figure()
     reconfigured = []
     stream = Mock(reconfigure=lambda **kwargs: reconfigured.append(kwargs))
     monkeypatch.setattr(sys, "stdout", stream)
     monkeypatch.setitem(sys.modules, "ipykernel", Mock())
-    argv = ["--predict", str(tmp_path / "seven.png"), "--output-dir", str(folder / "outputs")]
+    argv = ["--predict", str(tmp_path / "seven.png"), "--output-dir", str(output_dir)]
     draw_seven().save(tmp_path / "seven.png")
     mnist.main(argv)
     assert len(plt.get_fignums()) == 2 and reconfigured == []
