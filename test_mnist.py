@@ -208,6 +208,8 @@ def test_shuffled_batches_cover_every_digit_once_in_a_new_order_each_epoch():
             assert torch.equal(batch_images[:, 0, 0], batch_labels.float())  # pairs stay together
         orders.append(torch.cat([batch_labels for _, batch_labels in batches]).tolist())
     assert sorted(orders[0]) == list(range(10)) and orders[0] != orders[1]
+    shifted = list(mnist.shuffled_batches(images, labels, 10, 1, -1.0, generator))[0][0]
+    assert (shifted == -1.0).any(dim=(1, 2)).sum() >= 8  # 8 of the 9 windows pad an edge
 
 
 def test_the_batch_order_is_drawn_on_the_cpu_whatever_the_device():
@@ -327,7 +329,7 @@ def test_the_recipe_passes_dropout_black_padding_and_its_seed_on(data_dir, monke
     *_, max_shift, background, rng = calls[0]
     assert len(calls) == 2 and all(call[-1] is rng for call in calls)  # one generator, two epochs
     assert max_shift == 1 and background == pytest.approx(-mean / std)  # a black pixel
-    assert torch.equal(rng.get_state(), torch.Generator().manual_seed(3).get_state()) is False
+    assert rng.initial_seed() == 3 and rng.device.type == "cpu"  # the order follows --seed
     digits = torch.randn(8, 28, 28)
     assert torch.equal(model.train()(digits), model(digits))  # dropout 0 reached the layers
     dropped, _ = quiet_train(data_dir, epochs=1, dropout=0.5)
@@ -997,6 +999,16 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(data_dir, tmp_path, 
 def test_bad_flags_get_one_line_and_exit_code_2(tmp_path, capsys, flag, value, words):
     code, message = fail(args_for(tmp_path, tmp_path / "out", flag, value), capsys)
     assert code == 2 and flag in message and words in message
+
+
+def test_the_seed_sets_the_first_weights(data_dir, capsys):
+    """The one-digit trace shows a first weight, before any batch is drawn."""
+    traces = []
+    for seed in (0, 0, 1):
+        mnist.train_model(epochs=1, batch_size=64, validation_size=VALIDATION_SIZE, seed=seed,
+                          data_dir=data_dir, dry_run=True)
+        traces.append(re.search(r"the largest gradient.*", capsys.readouterr().out).group())
+    assert traces[0] == traces[1] != traces[2]
 
 
 def test_the_largest_seed_is_accepted(data_dir):
