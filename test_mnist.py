@@ -1053,6 +1053,17 @@ def test_a_diverging_loss_stops_with_advice_and_writes_nothing(data_dir, previou
     assert snapshot(output_dir) == before
 
 
+@pytest.mark.parametrize("loss, diverged", [(math.nan, True), (23.1, True), (22.9, False)])
+def test_training_stops_once_the_loss_passes_ten_times_a_guesss(monkeypatch, capsys, loss,
+                                                                diverged):
+    """A guess scores ln(10) = 2.303: an epoch's loss above 23.03, or NaN, has diverged."""
+    monkeypatch.setattr(mnist, "train_one_epoch", lambda *args: (loss, 0.1, [1e-3]))
+    with contextlib.nullcontext() if not diverged else pytest.raises(mnist.UserError,
+                                                                      match="in epoch 1"):
+        history, _ = mnist.train(mnist.MLP(), None, None, list, 1, None)
+        assert history[0]["train_loss"] == loss
+
+
 def test_ctrl_c_during_training_exits_130_and_keeps_old_files(data_dir, previous_outputs,
                                                               monkeypatch, capsys):
     output_dir, before = previous_outputs
