@@ -658,9 +658,8 @@ def image_files(path):
 
 def open_image(path):
     try:
-        with Image.open(path) as image:
-            image.load()  # read it all now, so that a file cut short fails here
-            return ImageOps.exif_transpose(image)  # phones store photos sideways, with a note
+        with Image.open(path) as image:  # phones store photos sideways, with an EXIF note:
+            return ImageOps.exif_transpose(image)  # an upright copy, read whole (or failing) now
     except (OSError, ValueError, Image.DecompressionBombError):  # not an image, cut short...
         raise UserError(f"{path} is not an image that Pillow can read; give a PNG or JPEG file "
                         "of one digit") from None

@@ -150,7 +150,6 @@ MUTANTS = [
      "predicted, confidences = predict(", None),
     ("--device ignored by --predict", "predict(model.to(pick_device(device))",
      "predict(model.to(pick_device(\"cpu\"))", None),
-    ("a file cut short is read lazily", "            image.load()  # read it all now", "            # ", None),
     # The tool
     ("bad input exits 1", "def __init__(self, message, exit_code=2):",
      "def __init__(self, message, exit_code=1):", None),
