@@ -567,7 +567,8 @@ def test_each_figure_is_the_one_its_name_says(finished_run):
     assert len(set(sizes.values())) == len(sizes)  # so that two swapped files would show
     for name, size in sizes.items():
         with Image.open(outputs / name) as image:
-            assert image.format == "PNG" and image.size == size
+            # Within a pixel: matplotlib 3.8 cuts 1.8 inches x 100 dpi, 179.99..., to 179.
+            assert image.format == "PNG" and max(abs(a - b) for a, b in zip(image.size, size)) <= 1
             image.verify()
     plt.close("all")
 
