@@ -10,6 +10,7 @@ import contextlib
 import copy
 import gzip
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -827,6 +828,18 @@ def test_predict_turns_a_photo_upright_and_reads_upper_case_suffixes(trained, tm
     assert capsys.readouterr().out.startswith(f"{folder / 'PHOTO.JPG'}: ") and len(predicted) == 1
 
 
+def test_prepare_digit_keeps_a_digit_already_20_pixels_tall_pixel_for_pixel():
+    """Ink whose box is exactly 20 x 12 needs no scaling: it must come out unchanged, all of it."""
+    ink = np.zeros((20, 12), dtype=np.uint8)
+    ink[0, :], ink[:, 11], ink[19, 5:] = 255, 255, 255  # a square-cornered 7 with a foot
+    canvas = np.zeros((50, 60), dtype=np.uint8)
+    canvas[7:27, 30:42] = ink
+    digit = mnist.prepare_digit(Image.fromarray(canvas)).numpy()
+    rows, columns = np.nonzero(digit)
+    assert np.array_equal(digit[rows.min():rows.max() + 1, columns.min():columns.max() + 1],
+                          ink / 255)
+
+
 def test_prepare_digit_centres_the_mass_not_the_box():
     """A lopsided 7: a heavy bar on top and a thin leg, drawn off-centre on light paper."""
     image = Image.new("L", (240, 220), 230)
@@ -1010,6 +1023,18 @@ def test_the_seed_sets_the_first_weights(data_dir, capsys):
                           data_dir=data_dir, dry_run=True)
         traces.append(re.search(r"the largest gradient.*", capsys.readouterr().out).group())
     assert traces[0] == traces[1] != traces[2]
+
+
+def test_the_recipes_defaults_are_the_flags_defaults():
+    """train_model(), copied alone into a notebook, trains what `python mnist.py` trains."""
+    defaults = vars(mnist.parse_args([]))
+    recipe = inspect.signature(mnist.train_model).parameters
+    for name, flag in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
+                       ("schedule", "lr_schedule"), ("max_shift", "max_shift"),
+                       ("dropout", "dropout"), ("validation_size", "validation_size"),
+                       ("seed", "seed"), ("dry_run", "dry_run")):
+        assert recipe[name].default == defaults[flag], name
+    assert Path(recipe["data_dir"].default) == defaults["data_dir"]
 
 
 def test_the_largest_seed_is_accepted(data_dir):
