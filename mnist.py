@@ -161,10 +161,10 @@ def loss_before_training(model, images, labels):
 # sets the step's size. Adam (Kingma and Ba, 2015), ours, keeps two running averages for each
 # weight, each mostly its old value plus a little of the newest gradient: m of the gradient, v of
 # its square, both corrected for starting at 0. It moves the weight by lr * m / (sqrt(v) + 1e-8),
-# so the step hardly depends on the gradient's size: usually about lr or less. On the first step m
-# = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (a weight
-# whose g is 0 stays put). Here is that step for one digit, at training's first rate, lr / 25
-# (section 7: 3e-3 / 25 = 0.00012). With seed 0, this prints:
+# so the step hardly depends on the gradient's size: usually about lr or less. On the first step,
+# m = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (a
+# weight whose g is 0 stays put). Here is that step for one digit, at training's first rate,
+# lr / 25 (section 7: 3e-3 / 25 = 0.00012). With seed 0, this prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
