@@ -510,6 +510,8 @@ def test_the_run_prints_its_data_the_loss_before_training_and_a_row_per_epoch(fi
     assert "train: images (250, 28, 28) torch.float32, labels (250,) torch.int64" in output
     assert "validation: images (50, 28, 28)" in output and "test: images (100, 28, 28)" in output
     assert re.search(r"pixels: 0-255 .* now -\d\.\d\d to \d\.\d\d", output)
+    assert "(1): Linear(in_features=784, out_features=128, bias=True)" in output
+    assert "\nparameters: 109,386\n" in output  # the model and its size, printed before training
     loss = float(re.search(r"^loss before training: (\d\.\d+)", output, re.MULTILINE).group(1))
     assert abs(loss - math.log(10)) < 0.15
     assert f"lr = {3e-3 / 25:.6f}" in output  # the trace takes the schedule's first rate
@@ -561,6 +563,8 @@ def test_each_figure_is_the_one_its_name_says(finished_run):
     assert "first digits in MNIST's training file" in titles["digits.png"]
     assert "loss accuracy the schedule, per step" in titles["training_curves.png"]
     assert "Confusion matrix on the test set" in titles["confusion_matrix.png"]
+    counts = [text.get_text() for text in figures["confusion_matrix.png"].axes[0].texts]
+    assert counts == [str(n) for row in metrics["confusion_matrix"] for n in row]  # every cell
     assert "Test digits the model got wrong" in titles["misclassified.png"]
     assert "The 128 first-layer units' weights" in titles["first_layer.png"]
     sizes = {name: tuple(round(inches * 100) for inches in figure.get_size_inches())
