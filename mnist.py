@@ -6,12 +6,12 @@
 
 Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
 
-A map. Part 1 is the lesson, a "# %%" cell per section. The learning itself is in load_mnist
-(the data, section 2), MLP (the network, 3), shuffled_batches (6), train_one_epoch and
-make_scheduler (7), evaluate (8) and train (9); train_model (12) calls them in order, and
-prepare_digit and predict (11) read your own digits: these are what to copy. Safe to skim at
-first: the checks and printing (describe_data, loss_before_training, trace_one_digit,
-final_scores) and shift_randomly's slicing. Part 2 makes a tool of it: skip it on a first read.
+A map. Part 1 is the lesson, a "# %%" cell per section; copy all of it to use it (section 12).
+The learning itself is in load_mnist (the data, section 2), MLP (the network, 3), shuffled_batches
+(6), train_one_epoch and make_scheduler (7), evaluate (8), train (9) and train_model (12), which
+calls them in order; prepare_digit and predict (11) read your own digits. Read the comments
+closely, but skim the code that checks and prints (describe_data, loss_before_training,
+trace_one_digit, final_scores). Part 2 makes a tool of it: skip it on a first read.
 """
 
 # %% 1. Imports
@@ -157,14 +157,14 @@ def loss_before_training(model, images, labels):
 # operation, into which. loss.backward() walks that graph backwards with the chain rule of
 # calculus, and stores in each parameter's .grad its *gradient*: how fast the loss changes as that
 # parameter changes. An *optimizer* then moves every parameter against its gradient, downhill.
-# Plain (stochastic) gradient descent, SGD, does w <- w - lr * gradient: the *learning rate* lr
-# sets the step's size. Adam (Kingma and Ba, 2015), ours, keeps two running averages for each
-# weight, each mostly its old value plus a little of the newest gradient: m of the gradient, v of
-# its square, both corrected for starting at 0. It moves the weight by lr * m / (sqrt(v) + 1e-8),
-# so the step hardly depends on the gradient's size: usually about lr or less. On the first step,
-# m = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (a
-# weight whose g is 0 stays put). Here is that step for one digit, at training's first rate,
-# lr / 25 (section 7: 3e-3 / 25 = 0.00012). With seed 0, this prints:
+# Stochastic gradient descent (SGD: stochastic, as each batch is a random sample) does
+# w <- w - lr * gradient: the *learning rate* lr sets the step's size. Adam (Kingma and Ba, 2015),
+# ours, keeps two running averages for each weight, each mostly its old value plus a little of
+# the newest gradient: m of the gradient, v of its square (both start at 0, and early on are
+# scaled up to undo that). It moves the weight by lr * m / (sqrt(v) + 1e-8), so the step hardly
+# depends on the gradient's size: usually about lr or less. On the first step, m = g and v = g^2,
+# so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (0 stays put). Here is that
+# step for one digit, at training's first rate, lr / 25 (3e-3 / 25 = 0.00012). Seed 0 prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
@@ -276,8 +276,8 @@ def make_scheduler(optimizer, schedule, lr, total_steps):
     # the weights are random and Adam's averages rest on only a few gradients, yet Adam moves every
     # weight by about lr: the warm-up keeps these poorly aimed steps small. Big steps then cover
     # ground fast, and tiny steps at the end settle into a low point of the loss.
-    # cycle_momentum=False: OneCycleLR would also vary how much of the past Adam's running
-    # average of gradients keeps (its "momentum"); we keep Adam's default.
+    # cycle_momentum=False keeps Adam's beta1 at 0.9: how much of its old average m keeps at each
+    # step (its "momentum"). OneCycleLR would otherwise vary that too.
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
                                                pct_start=0.15, cycle_momentum=False)
 
@@ -435,8 +435,8 @@ def predict(model, digits, mean, std):
 #     plot_confusion_matrix(metrics["confusion_matrix"])
 # Each default validated best, or within noise of the best, of the values tried. Dropout is the
 # exception: without it the network validated higher (98.24% against 97.98%, over five seeds),
-# so a network of your own would drop it; we keep 0.2 because the network that this project
-# reproduces has it (docs/RESULTS.md).
+# so for a network of your own, choose it on validation like the rest; we keep 0.2 because the
+# network that this project reproduces has it (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
                 dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
