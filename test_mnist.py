@@ -1425,8 +1425,13 @@ def test_predict_uses_the_device_asked_for(trained, monkeypatch, capsys):
     code, message = fail(["--predict", str(folder), "--output-dir", str(output_dir),
                           "--device", "cuda"], capsys)
     assert code == 2 and "--device cuda was asked for, but torch finds no cuda device" in message
-    asked = []
+    # A stand-in device, "meta" (shapes without numbers), shows where the model was sent.
+    asked, used, predict = [], [], mnist.predict
     monkeypatch.setattr(mnist, "pick_device", lambda name: asked.append(name) or torch.device("meta"))
-    with pytest.raises(NotImplementedError):  # a model on the meta device holds no numbers
-        mnist.main(["--predict", str(folder), "--output-dir", str(output_dir), "--device", "mps"])
-    assert asked == ["mps"]
+
+    def predict_on_the_cpu(model, *args):
+        used.append(next(model.parameters()).device.type)
+        return predict(mnist.load_trained_model(output_dir)[0], *args)
+    monkeypatch.setattr(mnist, "predict", predict_on_the_cpu)
+    mnist.main(["--predict", str(folder), "--output-dir", str(output_dir), "--device", "mps"])
+    assert asked == ["mps"] and used == ["meta"]
