@@ -819,9 +819,10 @@ def main(argv=None):
         print(f"\nmnist.py: interrupted; each file in {args.output_dir} is whole, old or new",
               file=sys.stderr)
         raise SystemExit(130) from None  # 128 + 2, the number of SIGINT: the shell's convention
-    finally:  # a notebook shows the new figures below the cell, then closes them itself
-        for number in set() if in_notebook else set(plt.get_fignums()) - figures_before:
-            plt.close(number)
+    finally:
+        if not in_notebook:  # a notebook shows the new figures below the cell, then closes them
+            for number in set(plt.get_fignums()) - figures_before:
+                plt.close(number)
 
 
 # %% Run: the last cell. In a notebook, the kernel's own flags are ignored (command_line_flags).

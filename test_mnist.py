@@ -292,8 +292,9 @@ def test_train_one_epoch_takes_the_textbook_step_with_dropout_on_whatever_the_mo
         expected_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
     assert rates == expected_rates and rates[0] < rates[-1]  # the warm-up rises
-    for (name, weights), expected in zip(model.state_dict().items(), reference.state_dict().values()):
-        assert torch.equal(weights, expected), name
+    expected = reference.state_dict()
+    for name, weights in model.state_dict().items():
+        assert torch.equal(weights, expected[name]), name
 
 
 def test_the_network_is_two_hidden_layers_with_relu_and_dropout():
@@ -454,7 +455,8 @@ def test_trace_one_digit_shows_probabilities_and_adams_first_step(capsys):
     assert abs(gradient) == gradients.abs().max().item()  # the largest in size, of either sign
     assert (gradients < 0).any() and (gradients > 0).any()
     unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)", output).groups())
-    assert gradients[unit, pixel].item() == gradient and model.layers[1].weight[unit, pixel] == before
+    assert gradients[unit, pixel].item() == gradient
+    assert model.layers[1].weight[unit, pixel].item() == before
     assert probabilities.sum().item() == pytest.approx(1, abs=1e-6)
     assert probabilities.shape == (10,) and (probabilities > 0).all()
     # Adam's first step: m = (1 - beta1) g and v = (1 - beta2) g^2, both divided by their bias
@@ -528,7 +530,8 @@ def test_saved_model_reproduces_every_reported_test_number(finished_run):
     model, (mean, std) = mnist.load_trained_model(folder / "outputs")
     assert (mean, std) == (metrics["normalization"]["mean"], metrics["normalization"]["std"])
     raw_images, labels = synthetic_digits(TEST_SIZE, seed=2)
-    confidences, predictions = mnist.predict(model, torch.from_numpy(raw_images) / 255, mean, std).max(dim=1)
+    probabilities = mnist.predict(model, torch.from_numpy(raw_images) / 255, mean, std)
+    confidences, predictions = probabilities.max(dim=1)
     assert (predictions.numpy() == labels).mean() == metrics["test_accuracy"]
     matrix = confusion_matrix(labels, predictions, labels=range(10))
     assert matrix.tolist() == metrics["confusion_matrix"] and matrix.sum() == TEST_SIZE
@@ -1127,7 +1130,8 @@ def test_a_write_interrupted_halfway_leaves_the_old_file_byte_for_byte(tmp_path,
                                                                       interrupted):
     """Ctrl-C after half of a file is written: that report keeps its old bytes, the ones before
     it are new and whole, and no temporary file is left behind."""
-    for name in ("a.png", "b.json", "c.pt"):
+    order = ["a.png", "b.json", "c.pt"]  # the order in which reports() lists them
+    for name in order:
         (tmp_path / name).write_bytes(b"old " + name.encode())
 
     def half_then_ctrl_c(write):
@@ -1145,14 +1149,14 @@ def test_a_write_interrupted_halfway_leaves_the_old_file_byte_for_byte(tmp_path,
     elif interrupted == "c.pt":
         monkeypatch.setattr(torch, "save", half_then_ctrl_c(torch.save))
     else:
-        monkeypatch.setattr(Path, "write_text", lambda path, text, **kwargs: (
-            path.write_bytes(text.encode()[:len(text) // 2]), (_ for _ in ()).throw(
-                KeyboardInterrupt)))
+        def half_a_text_then_ctrl_c(path, text, **kwargs):
+            path.write_bytes(text.encode()[:len(text) // 2])
+            raise KeyboardInterrupt
+        monkeypatch.setattr(Path, "write_text", half_a_text_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         mnist.write_reports(tmp_path, reports())
     monkeypatch.undo()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b.json", "c.pt"]
-    order = ["a.png", "b.json", "c.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == order  # no temporary file left
     for name in order:
         content = (tmp_path / name).read_bytes()
         if order.index(name) >= order.index(interrupted):
@@ -1427,7 +1431,8 @@ def test_predict_uses_the_device_asked_for(trained, monkeypatch, capsys):
     assert code == 2 and "--device cuda was asked for, but torch finds no cuda device" in message
     # A stand-in device, "meta" (shapes without numbers), shows where the model was sent.
     asked, used, predict = [], [], mnist.predict
-    monkeypatch.setattr(mnist, "pick_device", lambda name: asked.append(name) or torch.device("meta"))
+    monkeypatch.setattr(mnist, "pick_device",
+                        lambda name: asked.append(name) or torch.device("meta"))
 
     def predict_on_the_cpu(model, *args):
         used.append(next(model.parameters()).device.type)
