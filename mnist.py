@@ -1,84 +1,98 @@
 """Teach a small neural network to read handwritten digits (MNIST): a lesson in one file.
 
-    pip install -r requirements.txt          # README.md, "Install", says which torch suits you
-    python mnist.py                          # downloads MNIST (11 MB) once, then trains
-    python mnist.py --predict my-digit.png   # reads a digit you drew or photographed
+    pip install -r requirements.txt   # README.md, "Install", says which torch suits you
+    python mnist.py                   # downloads MNIST (11 MB) once, trains, writes outputs/
 
 Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
+docs/mnist.ipynb is this lesson as a notebook, with every output and picture under its code.
 
-A map. Part 1 is the lesson, a "# %%" cell per section; copy all of it to use it (section 12).
-The learning itself is in load_mnist (the data, section 2), MLP (the network, 3), shuffled_batches
-(6), train_one_epoch and make_scheduler (7), evaluate (8), train (9) and train_model (12), which
-calls them in order; prepare_digit and predict (11) read your own digits. Read the comments
-closely, but skim the code that checks and prints (describe_data, loss_before_training,
-trace_one_digit, final_scores). Part 2 makes a tool of it: skip it on a first read.
+A map. Part 1 is the lesson, a "# %%" cell per section in the order of a run, ending in the
+recipe, train_model (section 12), which calls the pieces in order: copy all of Part 1 to use it.
+Read the comments closely, but skim the code that checks and prints (pick_device, describe_data,
+loss_before_training, trace_one_digit, final_scores). Part 2 makes a command-line tool of it:
+skip it on a first read.
 """
 
-# %% 1. Imports
-import copy
-import functools
-import math
-import time
-from pathlib import Path
+# %% 1. Imports, and the device
+import copy       # deepcopy: a copy of the model to try a step on
+import functools  # partial: a function with some of its arguments filled in
+import math       # log and ceil
+import sys        # stderr, where notes go
+import time       # seconds per epoch
 
-import matplotlib.pyplot as plt
-import numpy as np
-import seaborn as sns
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from sklearn.metrics import classification_report, confusion_matrix
+import matplotlib.pyplot as plt  # figures
+import numpy as np               # arrays, to prepare your own images
+import seaborn as sns            # the confusion matrix as a heatmap
+import torch                     # tensors, gradients and optimizers
+import torch.nn as nn            # layers, which hold their own weights
+import torch.nn.functional as F  # operations as plain functions: cross_entropy, pad
+import torchvision               # downloads and reads MNIST's files
+from PIL import Image            # opens and resizes images
+from sklearn.metrics import classification_report, confusion_matrix  # scores per digit
+
+# A *device* is where numbers live and arithmetic runs: the CPU, or a GPU, which does thousands
+# of multiplications at once ("cuda" for NVIDIA's GPUs and AMD's, "mps" for Apple's).
+
+def pick_device(name="auto"):
+    """torch.device(name), once a training step has run there; for "auto", the first of "cuda"
+    and "mps" that runs it, else the CPU."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    for kind in [gpu for gpu, found in available.items() if found] if name == "auto" else [name]:
+        try:  # torch can list a GPU that it cannot use, such as one too old for this torch build
+            if kind != "cpu" and not available[kind]:
+                raise RuntimeError(f"torch finds no {kind} device here")
+            layer = nn.Linear(784, 10).to(kind)
+            F.cross_entropy(layer(torch.ones(2, 784, device=kind)),
+                            torch.tensor([0, 1], device=kind)).backward()
+            torch.optim.Adam(layer.parameters()).step()
+            layer.weight.sum().item()  # waits for the GPU to finish, so that its errors show here
+            return torch.device(kind)
+        except RuntimeError as error:  # its first sentence says what went wrong
+            problem = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
+            if name != "auto":
+                raise RuntimeError(problem) from error
+            print(f"the {kind} device failed a test step ({problem}); the run continues on the "
+                  "CPU", file=sys.stderr)
+    return torch.device("cpu")
 
 
 # %% 2. The data
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
 # 60,000 to train on, and 10,000 to test on, written by other people than the training digits.
 # torch holds them in *tensors*, arrays of numbers with a shape: the training images are one
-# tensor of shape (60000, 28, 28). The test set answers one question, once, at the very end:
-# how well does the finished model read handwriting it has never seen? If we also chose
-# settings by it, we would slowly fit them to those 10,000 digits, and the score would flatter
-# the model. So we hold out a *validation* set of 5,000 training digits, and make every choice
-# on it instead: each setting in this file was chosen that way (docs/RESULTS.md).
-# A *device* is where tensors live and arithmetic runs: the CPU or a GPU ("cuda", NVIDIA's or
-# AMD's; "mps", Apple's). A *seed* makes a random-number generator draw the same numbers every time.
+# tensor of shape (60000, 28, 28). A network can learn its training digits by heart and still
+# read new ones badly: it *overfits*. The test set answers one question, once, at the very end:
+# how well does the finished model read handwriting it has never seen? If we also chose settings
+# by it, we would slowly fit them to those 10,000 digits, and the score would flatter the model.
+# So we hold out a *validation* set of 5,000 training digits, and make every choice on it instead
+# (docs/RESULTS.md). A *seed* makes a random-number generator draw the same numbers every time.
 
-def load_split(data_dir, train):
-    """One MNIST split: images (N, 28, 28) of bytes, 0-255, and labels (N,), 0-9."""
+def load_split(data_dir, split):
+    """MNIST's "train" or "test" split: images (N, 28, 28) of bytes, 0-255, and labels (N,)."""
     # download=True fetches the four files into data_dir/MNIST/raw/ unless they are there.
-    dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    dataset = torchvision.datasets.MNIST(data_dir, train=split == "train", download=True)
     return dataset.data, dataset.targets
-
-
-class UserError(Exception):
-    """A problem the user can fix, such as a blank image: main() prints it in one line."""
-    def __init__(self, message, exit_code=2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def load_mnist(data_dir, validation_size, device):
     """The splits, {name: (images, labels)} on the device, and the training pixels' mean and
     std. With validation_size 0 there is no "validation" split."""
-    images, labels = load_split(data_dir, train=True)  # (60000, 28, 28), (60000,)
-    if validation_size >= len(images):
-        raise UserError(f"--validation-size {validation_size} leaves no digits to train on; "
-                        f"choose fewer than {len(images):,}")
+    images, labels = load_split(data_dir, "train")  # (60000, 28, 28), (60000,)
+    if not 0 <= validation_size < len(images):
+        raise ValueError(f"validation_size must be 0 to {len(images) - 1}, not {validation_size}")
     # Shuffled with a seed of its own, so that every run validates on the same digits.
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train, held_out = order[validation_size:], order[:validation_size]
-    splits = {"train": (images[train], labels[train]),             # (55000, 28, 28)
-              "validation": (images[held_out], labels[held_out]),  # (5000, 28, 28)
-              "test": load_split(data_dir, train=False)}           # (10000, 28, 28)
+    to_train, to_validate = order[validation_size:], order[:validation_size]
+    splits = {"train": (images[to_train], labels[to_train]),             # (55000, 28, 28)
+              "validation": (images[to_validate], labels[to_validate]),  # (5000, 28, 28)
+              "test": load_split(data_dir, "test")}                      # (10000, 28, 28)
     if validation_size == 0:
         del splits["validation"]
     # Networks usually learn faster from inputs centred on 0 with a spread of about 1, so pixels
     # are scaled to [0, 1], then standardized: (pixel - mean) / std, std being the standard
     # deviation. The mean and std (about 0.13 and 0.31) come from the training digits alone, so
     # that nothing about the validation and test digits leaks into training. The data moves to the
-    # device once, and stays. div_ and sub_ work in place (a trailing _ in torch means so), which
-    # saves a second copy of the data.
+    # device once, and stays; div_ and sub_ change it in place, with no copy (a trailing _ says so).
     pixels = {name: split[0].to(device).float().div_(255) for name, split in splits.items()}
     std, mean = torch.std_mean(pixels["train"])  # torch returns std first
     mean, std = mean.item(), std.item()  # .item() turns a one-number tensor into a float
@@ -104,11 +118,14 @@ def describe_data(splits, mean, std):
 # weights and biases are the network's *parameters*, the numbers that training adjusts. Between
 # layers sits ReLU(z) = max(0, z); without it two layers would collapse into one, as W2 (W1 x +
 # b1) + b2 is just another W x + b. A stack of such layers is a multi-layer perceptron, an MLP.
-# The model works on a *batch* of B digits at once: shapes below are (B, ...).
-# A model has two modes, model.train() and model.eval(). In training, *dropout* sets each unit's
-# output to 0 with probability 0.2, drawn anew for every digit each time, so that the network
-# cannot rely on any one unit, and multiplies the others by 1 / (1 - 0.2) = 1.25, so that each unit
-# keeps its expected output. In evaluation, dropout does nothing: every unit counts, unscaled.
+# In torch a network is an nn.Module, whose method forward computes the output for a *batch* of
+# B digits at once (shapes below are (B, ...)); nn.Sequential applies its layers in turn.
+# *Dropout* fights overfitting: in training, it sets each unit's output to 0 with probability
+# 0.2, drawn anew for every digit each time, so that the network cannot rely on any one unit,
+# and multiplies the others by 1 / (1 - 0.2) = 1.25, so that each unit keeps its expected output.
+# model.train() switches it on, model.eval() off. It helps a network that overfits (README
+# exercise 10); ours, shown shifted digits (section 6) for 10 epochs, hardly overfits, and
+# validated higher without it (docs/RESULTS.md). It stays: the network we reproduce has it.
 # The last layer gives ten *logits*, one score per digit, any real number: the larger, the more
 # the network favours that digit. *Softmax* turns them into probabilities that sum to 1:
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
@@ -136,11 +153,10 @@ class MLP(nn.Module):
 
 
 # %% 4. A check before training
-# nn.Linear starts its weights small and random, so the ten logits start close to each other,
-# and softmax gives each digit about 1/10: an untrained network is equally unsure of every
-# digit. Cross-entropy then scores about -ln(1/10) = ln(10) = 2.30. A loss far above that means
-# it starts out confidently wrong: look for a bug in the model or in the pixels' scaling.
-# With seed 0, this prints:
+# nn.Linear starts its weights small and random, so the ten logits start close to each other, and
+# softmax gives each digit about 1/10: an untrained network is equally unsure of every digit.
+# Cross-entropy then scores about -ln(1/10) = ln(10) = 2.30. A loss far above that means it starts
+# out confidently wrong: look for a bug in the model or in the pixels' scaling. Seed 0 prints:
 #   loss before training: 2.306 (a guess scores ln(10) = 2.303)
 
 def loss_before_training(model, images, labels):
@@ -150,56 +166,67 @@ def loss_before_training(model, images, labels):
     return loss
 
 
-# %% 5. One digit, end to end
+# %% 5. How a network learns: one step
 # A training *step*: digits go in and logits come out (the *forward pass*), the loss measures how
-# wrong they are, and the parameters move a little to lower it. As the forward pass runs, torch
-# records each operation and its inputs: a *graph* of which numbers were combined, by which
-# operation, into which. loss.backward() walks that graph backwards with the chain rule of
-# calculus, and stores in each parameter's .grad its *gradient*: how fast the loss changes as that
-# parameter changes. An *optimizer* then moves every parameter against its gradient, downhill.
-# Stochastic gradient descent (SGD: stochastic, as each batch is a random sample) does
-# w <- w - lr * gradient: the *learning rate* lr sets the step's size. Adam (Kingma and Ba, 2015),
-# ours, keeps two running averages for each weight, each mostly its old value plus a little of
-# the newest gradient: m of the gradient, v of its square (both start at 0, and early on are
-# scaled up to undo that). It moves the weight by lr * m / (sqrt(v) + 1e-8), so the step hardly
-# depends on the gradient's size: usually about lr or less. On the first step, m = g and v = g^2,
-# so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (0 stays put). Here is that
-# step for one digit, at training's first rate, lr / 25 (3e-3 / 25 = 0.00012). Seed 0 prints:
+# wrong they are, and the parameters move a little to lower it. torch records the forward pass as a
+# *graph*: which numbers each operation combined into which. loss.backward() walks the graph
+# backwards with the chain rule of calculus, and stores in each parameter's .grad its *gradient*:
+# how fast the loss changes as that parameter changes. An *optimizer* then moves every parameter
+# against its gradient, downhill. Stochastic gradient descent (SGD: stochastic, as each step sees a
+# random sample of the digits) does w <- w - lr * gradient: the *learning rate* lr sets the step's
+# size. Adam (Kingma and Ba, 2015), ours, keeps two running averages for each weight, each mostly
+# its old value plus a little of the newest gradient: m of the gradient, v of its square (both
+# start at 0, and early on are scaled up to undo that). It moves the weight by lr * m / (sqrt(v) +
+# 1e-8), so the step hardly depends on the gradient's size: usually about lr or less. On the first
+# step, m = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (0
+# stays put). The learning rate need not stay fixed: a *schedule* sets it anew for every step.
+# Ours, "one-cycle", starts at lr / 25, rises to lr over the first 15% of the steps, then falls to
+# almost 0, both along a cosine curve. At first the weights are random and Adam's averages rest on
+# only a few gradients, yet Adam moves every weight by about the rate: the low start keeps these
+# poorly aimed steps small. Big steps then cover ground fast, and tiny steps at the end settle into
+# a low point of the loss. Here is the first step for one digit, with the run's optimizer at its
+# first rate, 3e-3 / 25 = 0.00012. Seed 0 prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
 #     loss -ln(p[8]) = -ln(0.089) = 2.414
 #     the largest gradient, -0.097338, is unit 73's weight for pixel 158, now -0.024416
-#     Adam's first step, lr = 0.000120, moves it to -0.024296: by lr, against the gradient
+#     Adam's first step, at lr = 0.000120, moves it by +0.000120 to -0.024296
 
-def first_layer_weights(model):
-    """The first weight matrix: (128, 784) for the MLP, a row per unit and a column per pixel."""
-    # Biases, and batch normalization's scales, are vectors (1 dimension): skip them.
-    return next(weights for weights in model.parameters() if weights.dim() > 1)
+def make_scheduler(optimizer, schedule, lr, total_steps):
+    """The learning rate's schedule: "one-cycle", or "constant", as this project's origin had."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    # lr / 25 is OneCycleLR's default start. cycle_momentum=False keeps Adam's beta1 at 0.9: how
+    # much of its old average m keeps at each step (its "momentum"); OneCycleLR would vary it too.
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                               pct_start=0.15, cycle_momentum=False)
 
 
-def trace_one_digit(model, image, label, lr):
-    """Print one digit's logits, probabilities and loss, and Adam's first step for one weight."""
-    model = copy.deepcopy(model).eval()  # a copy: the real model never sees this step
-    logits = model(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28) -> (1, 10)
+def trace_one_digit(model, optimizer, image, label):
+    """Print one digit's logits, probabilities, loss and gradient, and the optimizer's step."""
+    # Copied together, the copy of the optimizer moves the copy's weights, at the current rate.
+    model, optimizer = copy.deepcopy((model, optimizer))
+    logits = model.eval()(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28) -> (1, 10)
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1 along dimension 0, the only one
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # flatten(1) keeps dimension 0 and joins the rest (a convolution's (32, 1, 3, 3) filters: a row
-    # each). divmod turns argmax's position, counted through all rows, into (row, column).
-    weights = first_layer_weights(model)
+    # The first weight matrix, (128, 784), as biases have one dimension; flatten(1) makes any
+    # layer's a row per unit. divmod turns argmax's position, through all rows, into (row, column).
+    weights = next(weights for weights in model.parameters() if weights.dim() > 1)
     gradients = weights.grad.flatten(1)
     unit, pixel = divmod(gradients.abs().argmax().item(), gradients.shape[1])
     before, gradient = weights.flatten(1)[unit, pixel].item(), gradients[unit, pixel].item()
-    torch.optim.Adam(model.parameters(), lr=lr).step()
+    optimizer.step()
     after, digit = weights.flatten(1)[unit, pixel].item(), label.item()
+    name, lr = type(optimizer).__name__, optimizer.param_groups[0]["lr"]  # "Adam"; the first rate
     print(f"one training digit (label {digit}), through a copy of the model with dropout off:\n"
           f"  logits        {' '.join(f'{z:6.2f}' for z in logits.tolist())}\n"
           f"  probabilities {' '.join(f'{p:6.3f}' for p in probabilities.tolist())}\n"
           f"  loss -ln(p[{digit}]) = -ln({probabilities[digit]:.3f}) = {loss.item():.3f}\n"
           f"  the largest gradient, {gradient:+.6f}, is unit {unit}'s weight for pixel {pixel}, "
-          f"now {before:+.6f}\n  Adam's first step, lr = {lr:.6f}, moves it to {after:+.6f}: "
-          "by lr, against the gradient")
+          f"now {before:+.6f}\n  {name}'s first step, at lr = {lr:.6f}, moves it by "
+          f"{after - before:+.6f} to {after:+.6f}")
     return probabilities, (before, gradient, after)
 
 
@@ -209,41 +236,41 @@ def trace_one_digit(model, image, label, lr):
 # order: 55,000 / 256 rounds up to 215 steps, so 10 epochs take 2,150. MNIST fits in memory,
 # so a batch is simply the digits at 256 shuffled indices (DataLoader does the same, slower).
 
-def shift_randomly(images, max_shift, background):
+def shift_randomly(images, max_shift, background, generator):
     """Move each digit by up to max_shift pixels in each direction: an *augmentation*, new
     training examples that keep their labels. background, the value of a black pixel after
     normalization (-mean / std), fills what a shift uncovers. (B, 28, 28) -> (B, 28, 28)."""
     # A 7 moved by a pixel is still a 7, but to a fully connected network every pixel is a
     # separate input, so it must be shown moved digits to learn that.
-    s = max_shift
+    s, count, device = max_shift, len(images), images.device
     padded = F.pad(images, (s, s, s, s), value=background)  # (B, 28 + 2s, 28 + 2s)
-    # A 28 x 28 window cut from the padded digit at row dy, column dx shows it moved s - dy
-    # pixels down and s - dx right (less than 0: up, or left). Of the (2s + 1)^2 windows, 9 for
-    # s = 1, every 9th digit of the shuffled batch ([k::9]) gets window k: one slice per window.
-    windows = [(dy, dx) for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
-    shifted = torch.empty_like(images)
-    for k, (dy, dx) in enumerate(windows):
-        shifted[k::len(windows)] = padded[k::len(windows), dy:dy + 28, dx:dx + 28]
-    return shifted
+    # Each digit keeps a 28 x 28 window of its padded self, from row dy and column dx on, each
+    # drawn from 0 to 2s: all (2s + 1)^2 windows are equally likely. The window shows the digit
+    # moved s - dy pixels down and s - dx right (less than 0: up, or left).
+    dy, dx = torch.randint(0, 2 * s + 1, (2, count, 1, 1), generator=generator).to(device)
+    digit = torch.arange(count, device=device)[:, None, None]  # (B, 1, 1)
+    row = dy + torch.arange(28, device=device)[:, None]        # (B, 28, 1)
+    column = dx + torch.arange(28, device=device)              # (B, 1, 28)
+    return padded[digit, row, column]  # pixel (r, c) of digit i: padded[i, row[i, r], column[i, c]]
 
 
-def shuffled_batches(images, labels, batch_size, max_shift, background, rng):
+def shuffled_batches(images, labels, batch_size, max_shift, background, generator):
     """One epoch of (images (B, 28, 28), labels (B,)) batches, in a new random order each time;
     the last batch may be smaller."""
-    # Each `yield` hands out one batch, when the loop asks for it. The order comes from rng, a
-    # torch random-number generator on the CPU, so a seed gives the same batches on any device.
-    order = torch.randperm(len(images), generator=rng).to(images.device)
+    # Each `yield` hands out one batch, when the loop asks for it. The order and the shifts come
+    # from generator, on the CPU, so that a seed gives the same batches on any device.
+    order = torch.randperm(len(images), generator=generator).to(images.device)
     for start in range(0, len(images), batch_size):
         indices = order[start:start + batch_size]
         batch = images[indices]  # (B, 28, 28)
         if max_shift > 0:
-            batch = shift_randomly(batch, max_shift, background)
+            batch = shift_randomly(batch, max_shift, background, generator)
         yield batch, labels[indices]
 
 
-# %% 7. Training
+# %% 7. Training, one epoch
 # Each step: predict, measure the loss, let backward() compute the gradients, and let the
-# optimizer move the parameters. Then a *scheduler* sets the learning rate for the next step.
+# optimizer move the parameters. Then the scheduler (section 5) sets the rate for the next step.
 
 def train_one_epoch(model, batches, optimizer, scheduler):
     """One pass over the batches. Returns the mean loss and the accuracy over every digit, and
@@ -259,27 +286,10 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         # get_last_lr() is a list with a rate per group of parameters; we have one group.
         rates.append(scheduler.get_last_lr()[0])  # the rate this step used
         scheduler.step()
-        # The sums stay tensors: .item() would make Python wait at every step for a GPU to finish
-        # its queued work. detach(): the number alone, without its graph.
-        loss_sum += loss.detach() * len(labels)
+        loss_sum += loss.detach() * len(labels)  # detach(): the number, without its graph
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
     return loss_sum.item() / seen, correct.item() / seen, rates
-
-
-def make_scheduler(optimizer, schedule, lr, total_steps):
-    """How the learning rate changes over the run (Part 2 draws it in training_curves.png)."""
-    if schedule == "constant":  # the rate never changes, as in the recipe this project began with
-        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    # One-cycle: raise the rate from lr / 25 (OneCycleLR's default start) to the peak, lr, over
-    # the first 15% of the steps, then lower it to almost 0, both along a cosine curve. At first
-    # the weights are random and Adam's averages rest on only a few gradients, yet Adam moves every
-    # weight by about lr: the warm-up keeps these poorly aimed steps small. Big steps then cover
-    # ground fast, and tiny steps at the end settle into a low point of the loss.
-    # cycle_momentum=False keeps Adam's beta1 at 0.9: how much of its old average m keeps at each
-    # step (its "momentum"). OneCycleLR would otherwise vary that too.
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
-                                               pct_start=0.15, cycle_momentum=False)
 
 
 # %% 8. Evaluation
@@ -290,8 +300,7 @@ def make_scheduler(optimizer, schedule, lr, total_steps):
 def evaluate(model, images, labels):
     """{"loss", "accuracy", "predictions": (N,), "confidences": (N,)}; the last two on the CPU."""
     model.eval()
-    # 1,000 digits at a time: all 55,000 training digits at once would hold every layer's output
-    # for all of them, about 9.5 GB for README exercise 8's convolutional network.
+    # 1,000 digits at a time, so that the layers' outputs for all N digits are never held at once.
     logits = torch.cat([model(chunk) for chunk in images.split(1000)])  # (N, 10)
     # .max(dim=1), along each row, gives each row's largest probability and the digit where it is.
     confidences, predictions = logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
@@ -304,13 +313,12 @@ def evaluate(model, images, labels):
 # Each epoch trains on every training digit once, then scores the validation digits. The train
 # numbers are averages taken while the weights still move, with dropout on and shifted digits,
 # so train accuracy can sit below validation accuracy (and train loss above validation loss).
-# If validation stops improving while training keeps improving, the model has begun to memorize
-# its training digits: it *overfits*. The seconds differ from machine to machine, and the last
-# decimals from one type of CPU to another. With seed 0, the first two epochs print:
-#   epoch   1  train loss 1.0490 accuracy 66.75%  validation loss 0.2343 accuracy 93.42%  0.52 s
-#   epoch   2  train loss 0.3059 accuracy 90.68%  validation loss 0.1419 accuracy 95.60%  0.51 s
+# If validation stops improving while training keeps improving, the model has begun to overfit.
+# The seconds, and the last decimals, differ from one type of CPU to another. Seed 0 prints:
+#   epoch   1  train loss 1.0500 accuracy 66.86%  validation loss 0.2363 accuracy 93.16%  0.54 s
+#   epoch   2  train loss 0.3024 accuracy 90.81%  validation loss 0.1436 accuracy 95.46%  0.62 s
 
-def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
+def train_and_validate(model, optimizer, scheduler, epoch_batches, epochs, validation):
     """Train; return one history row per epoch, and every step's learning rate. epoch_batches()
     gives one epoch's batches; validation is (images, labels), or None."""
     history, rates = [], []
@@ -320,9 +328,9 @@ def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
                                                                   optimizer, scheduler)
         rates += epoch_rates
         if math.isnan(train_loss) or train_loss > 10 * math.log(10):  # 10 x a guess's loss
-            raise UserError(f"the training loss reached {train_loss:.3g} in epoch {epoch}: "
-                            "training has diverged, most likely because the learning rate is "
-                            "too high. Try a smaller --lr, such as 1e-3.", exit_code=1)
+            raise FloatingPointError(f"the training loss reached {train_loss:.3g} in epoch "
+                                     f"{epoch}: training has diverged, most likely because the "
+                                     "learning rate is too high")
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy}
         line = f"epoch {epoch:>3}  train loss {train_loss:.4f} accuracy {train_accuracy:6.2%}"
         if validation is not None:
@@ -341,27 +349,25 @@ def train(model, optimizer, scheduler, epoch_batches, epochs, validation):
 def final_scores(model, splits):
     """Score every split, print the test set's report, and return the scores."""
     results = {name: evaluate(model, *split) for name, split in splits.items()}
-    test, labels = results["test"], splits["test"][1].cpu()
+    test, truth = results["test"], splits["test"][1].cpu()
     predictions, confidences = test["predictions"], test["confidences"]
     # Per digit d: precision, of the digits predicted as d, how many were d; recall, of the true
     # d's, how many were found; F1, which combines the two (their harmonic mean); support, how
     # many test digits are d. labels=range(10) and zero_division=0: a row for every digit, even
-    # one that a tiny test set lacks or that is never predicted.
-    # partial(f, a, b) is f with some of its arguments filled in.
-    report = functools.partial(classification_report, labels, predictions, labels=range(10),
-                               zero_division=0)
-    print(f"\nthe test set:\n{report(digits=4)}")  # a row per digit, 4 decimal places
-    per_class = {key: row for key, row in report(output_dict=True).items() if key.isdigit()}
+    # one that a tiny test set lacks or that is never predicted. digits=4: 4 decimal places.
+    every_digit = dict(labels=range(10), zero_division=0)
+    print(f"\nthe test set:\n{classification_report(truth, predictions, digits=4, **every_digit)}")
+    report = classification_report(truth, predictions, output_dict=True, **every_digit)
     print(", ".join(f"{name} accuracy {result['accuracy']:.2%}" for name, result in
                     results.items()))
-    wrong = (predictions != labels).nonzero().flatten()
+    wrong = (predictions != truth).nonzero().flatten()
     wrong = wrong[confidences[wrong].argsort(descending=True)][:25]  # the most confident first
     scores = {f"{'val' if name == 'validation' else name}_{measure}": result[measure]  # val_loss
               for name, result in results.items() for measure in ("accuracy", "loss")}
-    return {**scores, "per_class": per_class,
+    return {**scores, "per_class": {key: row for key, row in report.items() if key.isdigit()},
             # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
-            "confusion_matrix": confusion_matrix(labels, predictions, labels=range(10)).tolist(),
-            "mistakes": [{"index": i, "label": labels[i].item(), "predicted": predictions[i].item(),
+            "confusion_matrix": confusion_matrix(truth, predictions, labels=range(10)).tolist(),
+            "mistakes": [{"index": i, "label": truth[i].item(), "predicted": predictions[i].item(),
                           "confidence": confidences[i].item()} for i in wrong.tolist()]}
 
 
@@ -383,12 +389,9 @@ def plot_confusion_matrix(matrix):
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
-    # Paint programs save dark ink on a transparent canvas: lay it on white paper.
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    # Scanners can save 16-bit grey (modes I;16 and I: 0-65535), which convert("L") would clip.
-    pixels, full = (image, 65535) if image.mode.startswith("I") else (image.convert("L"), 255)
-    grey = np.asarray(pixels, dtype=np.float32) / full  # (height, width) in [0, 1]
+    # Lay the image on white paper, for ink drawn on a transparent canvas, and keep its brightness.
+    image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255  # (height, width) in [0, 1]
     # An image's border is mostly background. If it is light, the ink is dark: invert.
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 0.5:
@@ -397,8 +400,8 @@ def prepare_digit(image, name="the image"):
     # it becomes 0, and stretch the ink to reach 1.
     ink = np.clip(grey - np.median(border), 0, None)
     if ink.max() < 0.1:  # less than a tenth of the full contrast: nothing to read
-        raise UserError(f"{name} has no ink to read: it is blank or all one colour. Give an "
-                        "image of one digit, dark on light or light on dark")
+        raise ValueError(f"{name} has no ink to read: it is blank or all one colour. Give an image "
+                         "of one digit, dark on light or light on dark")
     ink /= ink.max()
     rows, columns = np.nonzero(ink > 0.3)  # the ink's bounding box; 0.3 is above the noise
     box = ink[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
@@ -432,17 +435,14 @@ def predict(model, digits, mean, std):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
 #     predict(model, digit[None], **metrics["normalization"]).argmax()  # the digit it reads
-#     plot_confusion_matrix(metrics["confusion_matrix"])
-# Each default validated best, or within noise of the best, of the values tried. Dropout is the
-# exception: without it the network validated higher (98.24% against 97.98%, over five seeds),
-# so for a network of your own, choose it on validation like the rest; we keep 0.2 because the
-# network that this project reproduces has it (docs/RESULTS.md).
 
 def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_shift=1,
-                dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="cpu",
+                dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="auto",
                 dry_run=False):
     """Train the MLP on MNIST and score it once on the test set. Returns (model, metrics).
-    dry_run=True: 1 epoch of 3 batches, at most 1,000 digits scored per split, a quick check."""
+    device: "auto" (pick_device's choice), "cpu", "cuda" or "mps". dry_run=True, a quick check:
+    1 epoch of 3 batches, and at most 1,000 validation and 1,000 test digits."""
+    device = pick_device() if device == "auto" else torch.device(device)
     epochs = 1 if dry_run else epochs
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                     max_shift=max_shift, dropout=dropout, validation_size=validation_size,
@@ -450,8 +450,8 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
                     torch_version=torch.__version__)
     started = time.perf_counter()
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
-    # The seed (section 2) fixes the first weights, the dropout and the batches, so a run
-    # repeats exactly on the same machine (another CPU type or a GPU rounds differently).
+    # The seed fixes the first weights and the dropout, and the generator below the batches, so a
+    # run repeats exactly on the same machine (another CPU type or a GPU rounds differently).
     torch.manual_seed(seed)
     splits, (mean, std) = load_mnist(data_dir, validation_size, device)
     if dry_run:
@@ -466,12 +466,12 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     total_steps = epochs * math.ceil(len(train_images) / batch_size)  # 2,150 by default
     scheduler = make_scheduler(optimizer, schedule, lr, total_steps)
-    trace_one_digit(model, train_images[0], train_labels[0], scheduler.get_last_lr()[0])
-    # Each call of epoch_batches() starts one epoch's batches (partial: section 10).
+    trace_one_digit(model, optimizer, train_images[0], train_labels[0])
+    # Each call of epoch_batches() starts one epoch's batches.
     epoch_batches = functools.partial(shuffled_batches, train_images, train_labels, batch_size,
                                       max_shift, -mean / std, torch.Generator().manual_seed(seed))
-    history, rates = train(model, optimizer, scheduler, epoch_batches, epochs,
-                           splits.get("validation"))
+    history, rates = train_and_validate(model, optimizer, scheduler, epoch_batches, epochs,
+                                        splits.get("validation"))
     metrics = {"settings": settings, "normalization": {"mean": mean, "std": std},
                "history": history, **final_scores(model, splits), "learning_rates": rates}
     return model, {**metrics, "seconds": time.perf_counter() - started}
@@ -481,22 +481,29 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
 # Part 2. The appendix: what a real tool needs besides the lesson. Skip it on a first read.
 # =============================================================================================
 
-# %% A. Part 2's own imports (Part 1 needs none of them), and the figures
+# %% A. Part 2's own imports (Part 1 needs none of them), its errors, and the figures
 import argparse
 import json
 import os
 import pickle
-import sys
 import tempfile
+from pathlib import Path
 
 import matplotlib
 from PIL import ImageOps
 
+
+class UserError(Exception):
+    """A problem the user can fix, such as a blank image: main() prints it in one line."""
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # first_layer.png draws each first-layer unit's 784 weights as a 28 x 28 picture, red where ink
-# raises the unit and blue where it lowers it. Look for stroke-like detectors, and for a
-# speckled border: a border pixel is black in nearly every digit, so a unit's border weights all
-# get nearly the same gradient (about -0.42 times its bias's), and the random differences they
-# started with never fade. (README.md, "What you will see", lists every figure.)
+# raises the unit, blue where it lowers it. Look for stroke-like detectors, and a speckled border:
+# a border pixel is black in nearly every digit, so a unit's border weights all get nearly the same
+# gradient (about -0.42 times its bias's), so the random differences they started with stay.
 
 def plot_grid(images, titles, title, columns):
     """Small images in a grid, each under its own title."""
@@ -515,8 +522,8 @@ def plot_grid(images, titles, title, columns):
 
 
 def plot_first_layer(model):
-    """Each first-layer unit's weights as a picture, on its own scale centred at 0."""
-    weights = first_layer_weights(model).detach().cpu().flatten(1)  # (128, 784): a row per unit
+    """Each first-layer unit's weights, a row of (128, 784), as a picture on its own scale."""
+    weights = next(w for w in model.parameters() if w.dim() > 1).detach().cpu().flatten(1)
     side = math.isqrt(weights.shape[1])  # 28 (exercise 8's 3 x 3 filters: 3)
     tiles = (weights / weights.abs().amax(dim=1, keepdim=True)).view(-1, 1, side, side)
     mosaic = torchvision.utils.make_grid(tiles, nrow=16, padding=1, pad_value=float("nan"))[0]
@@ -568,9 +575,9 @@ def fetch_mnist(data_dir):
     """Download MNIST unless it is there, or say in one line why torchvision cannot load it, or
     that it is not MNIST. Returns {"train", "test": (images, labels)} as stored, for the figures."""
     folder = (Path(data_dir) / "MNIST" / "raw").resolve()
-    try:
-        stored = {name: load_split(data_dir, train=name == "train") for name in ("train", "test")}
-    except Exception as error:  # no network, HTTP 403, a file cut short, a folder that is a file
+    try:  # torchvision's errors for no network, HTTP 403, a damaged file, a folder that is a file
+        stored = {split: load_split(data_dir, split) for split in ("train", "test")}
+    except (RuntimeError, OSError, ValueError, AssertionError) as error:  # IDX headers: by assert
         lines = str(error).strip().splitlines() or [type(error).__name__]
         reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # torchvision's own
         names = [name.removesuffix(".gz") for name, _ in torchvision.datasets.MNIST.resources]
@@ -628,8 +635,8 @@ def predict_files(paths, output_dir, device):
     prepare_output_dir(output_dir)
     files = [file for path in paths for file in image_files(path)]
     # Every image is prepared before any is predicted: bad input stops the run with one line.
-    digits = torch.stack([prepare_digit(open_image(file), name=file) for file in files])
-    confidences, predicted = predict(model.to(pick_device(device)), digits, mean, std).max(dim=1)
+    digits = torch.stack([read_digit(file) for file in files])
+    confidences, predicted = predict(model.to(device_or_error(device)), digits, mean, std).max(1)
     titles = []
     for file, digit, confidence in zip(files, predicted.tolist(), confidences.tolist()):
         print(f"{file}: {digit} ({confidence:.1%})")  # for example "my-seven.png: 7 (99.2%)"
@@ -656,13 +663,20 @@ def image_files(path):
     return files
 
 
-def open_image(path):
+def read_digit(path):
+    """The digit in an image file, upright and prepared (prepare_digit)."""
     try:
         with Image.open(path) as image:  # phones store photos sideways, with an EXIF note:
-            return ImageOps.exif_transpose(image)  # an upright copy, read whole (or failing) now
+            image = ImageOps.exif_transpose(image)  # an upright copy, read whole (or failing) now
     except (OSError, ValueError, Image.DecompressionBombError):  # not an image, cut short...
         raise UserError(f"{path} is not an image that Pillow can read; give a PNG or JPEG file "
                         "of one digit") from None
+    if image.mode.startswith("I"):  # 16-bit grey, as scanners save it: 0-65535, made 0-255
+        image = Image.fromarray((np.asarray(image) / 257).clip(0, 255).round().astype(np.uint8))
+    try:
+        return prepare_digit(image, name=path)
+    except ValueError as error:  # no ink to read
+        raise UserError(str(error)) from None
 
 
 def load_trained_model(output_dir):
@@ -675,50 +689,18 @@ def load_trained_model(output_dir):
         # weights_only=True unpickles only tensors and plain data, which blocks the usual ways
         # that a file from elsewhere could run code (keep torch up to date).
         saved = torch.load(path, weights_only=True)
+        if not (isinstance(saved, dict) and isinstance(saved.get("weights"), dict)
+                and all(isinstance(saved.get(key), float) for key in ("mean", "std"))):
+            raise ValueError("not {'weights': a state dict, 'mean': a float, 'std': a float}")
         model = MLP()
-        model.load_state_dict(saved["weights"])
-        return model, (float(saved["mean"]), float(saved["std"]))
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError, IndexError,
-            AttributeError, ValueError):  # a file from elsewhere, or of another shape
+        model.load_state_dict(saved["weights"])  # a RuntimeError if the layers differ
+        return model, (saved["mean"], saved["std"])
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):  # not torch's, cut short
         raise UserError(f"{path} does not hold this script's network with its normalization: "
                         f"train again with 'python mnist.py --output-dir {output_dir}'") from None
 
 
-# %% D. Devices
-
-def pick_device(name):
-    """A torch.device: the one asked for, or for "auto" the first GPU that works, else the CPU."""
-    # torch can report a GPU that it cannot use (a build without kernels for an old GPU, or an
-    # operation that MPS lacks), so a GPU must first run one training step.
-    if name == "cpu":
-        return torch.device("cpu")
-    for kind in ("cuda", "mps") if name == "auto" else (name,):
-        found = (torch.cuda if kind == "cuda" else torch.backends.mps).is_available()
-        if name == "auto" and not found:
-            continue
-        try:
-            if not found:
-                raise RuntimeError(f"torch finds no {kind} device here")
-            model = MLP().to(kind)
-            images = shift_randomly(torch.zeros(2, 28, 28, device=kind), 1, 0.0)
-            F.cross_entropy(model(images), torch.zeros(2, dtype=torch.long, device=kind)).backward()
-            torch.optim.Adam(model.parameters()).step()
-            next(model.parameters()).sum().item()  # waits for a GPU, so that its errors show here
-            return torch.device(kind)
-        except Exception as error:  # a RuntimeError, torch.AcceleratorError, an op MPS lacks...
-            problem = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
-            if name != "auto":
-                build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else (
-                    "built for Apple's MPS" if torch.backends.mps.is_built() else "CPU-only")
-                raise UserError(f"--device {name} was asked for, but {problem} (torch "
-                                f"{torch.__version__}, {build}). Use --device cpu, or install the "
-                                "torch build for your GPU: see README.md, 'Install'") from None
-            print(f"mnist.py: the {kind} device failed a test step ({problem}); the run "
-                  "continues on the CPU", file=sys.stderr)
-    return torch.device("cpu")
-
-
-# %% E. Flags, and main()
+# %% D. Flags, devices, and main()
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
@@ -764,21 +746,39 @@ def parse_args(argv):
 
 
 def command_line_flags():
-    """sys.argv's flags, but none in a notebook kernel, whose flags (-f kernel.json) are its own.
-    `%run mnist.py --epochs 3` in a notebook sets sys.argv anew, with no -f."""
+    """sys.argv's flags, but not a notebook kernel's own (-f kernel.json; %run sets others)."""
     kernel_flags = any(flag == "-f" or flag.startswith("--f=") for flag in sys.argv[1:])
     return [] if "ipykernel" in sys.modules and kernel_flags else sys.argv[1:]
 
 
+def device_or_error(name):
+    """pick_device(name), or for a device that fails, the one-line error that names the build."""
+    try:
+        return pick_device(name)
+    except RuntimeError as error:
+        build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else
+                 f"built for ROCm {torch.version.hip}" if torch.version.hip else
+                 "built for Apple's MPS" if torch.backends.mps.is_built() else "CPU-only")
+        raise UserError(f"--device {name} was asked for, but {error} (torch {torch.__version__}, "
+                        f"{build}). Use --device cpu, or install the torch build for your GPU: see "
+                        "README.md, 'Install'") from None
+
+
 def train_and_write(args):
     """Train as the flags say, then write metrics.json, model.pt and the figures."""
-    device = pick_device(args.device)
+    device = device_or_error(args.device)
     prepare_output_dir(args.output_dir)  # fail now, not after training
     raw = fetch_mnist(args.data_dir)
-    model, metrics = train_model(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.lr_schedule,
-        max_shift=args.max_shift, dropout=args.dropout, validation_size=args.validation_size,
-        seed=args.seed, data_dir=args.data_dir, device=device, dry_run=args.dry_run)
+    if args.validation_size >= len(raw["train"][1]):  # parse_args checked the rest
+        raise UserError(f"--validation-size {args.validation_size} leaves no digits to train on; "
+                        f"choose fewer than {len(raw['train'][1]):,}")
+    try:
+        model, metrics = train_model(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.lr_schedule,
+            max_shift=args.max_shift, dropout=args.dropout, validation_size=args.validation_size,
+            seed=args.seed, data_dir=args.data_dir, device=device, dry_run=args.dry_run)
+    except FloatingPointError as error:  # the loss diverged
+        raise UserError(f"{error}. Try a smaller --lr, such as 1e-3.", exit_code=1) from None
     # model.pt holds the normalization beside the weights, so that the two cannot be parted.
     saved = {"weights": {key: value.cpu() for key, value in model.state_dict().items()},
              **metrics["normalization"]}
@@ -792,20 +792,18 @@ def main(argv=None):
     """`python mnist.py ...` in a shell, `%run mnist.py ...` in a notebook, or main([...])."""
     args = parse_args(command_line_flags() if argv is None else argv)
     in_notebook = "ipykernel" in sys.modules
-    # Windows writes redirected output in cp1252, which has no 数: print \u6570 instead.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure") and not in_notebook:
-            stream.reconfigure(errors="backslashreplace")
+    # Until main returns: Windows' redirected output is cp1252, with no 数, so print \u6570.
+    streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr)
+               if hasattr(stream, "reconfigure") and not in_notebook]
+    for stream, _ in streams:
+        stream.reconfigure(errors="backslashreplace")
     figures_before = set(plt.get_fignums())
     try:
-        if args.predict:
-            result = predict_files(args.predict, args.output_dir, args.device)
-        else:
-            result = train_and_write(args)
-        backend = matplotlib.get_backend()
+        result = (predict_files(args.predict, args.output_dir, args.device) if args.predict
+                  else train_and_write(args))
+        backend = matplotlib.get_backend().lower()
         # No display (ssh, Docker), or Colab's `!python` (inline, but no notebook): nothing to show.
-        no_window = "inline" in backend or backend.lower() in ("agg", "cairo", "pdf", "pgf", "ps",
-                                                               "svg", "template")
+        no_window = "inline" in backend or backend in "agg cairo pdf pgf ps svg template".split()
         if args.show and not in_notebook and no_window:
             print(f"--show: no window can open here (matplotlib's backend is {backend}); the "
                   f"figures are PNG files in {args.output_dir}", file=sys.stderr)
@@ -820,6 +818,8 @@ def main(argv=None):
               file=sys.stderr)
         raise SystemExit(130) from None  # 128 + 2, the number of SIGINT: the shell's convention
     finally:
+        for stream, errors in streams:
+            stream.reconfigure(errors=errors)
         if not in_notebook:  # a notebook shows the new figures below the cell, then closes them
             for number in set(plt.get_fignums()) - figures_before:
                 plt.close(number)

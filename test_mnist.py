@@ -5,12 +5,11 @@ synthetic digits as genuine IDX files under the four real file names, so torchvi
 loading code runs on them exactly as it does on MNIST.
 """
 
-import ast
+import collections
 import contextlib
 import copy
 import gzip
 import importlib.util
-import inspect
 import io
 import json
 import math
@@ -67,12 +66,12 @@ def synthetic_digits(count, seed):
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
-def write_mnist(data_dir, names=MNIST_FILES, train_size=TRAIN_SIZE):
+def write_mnist(data_dir, names=MNIST_FILES, train_size=TRAIN_SIZE, test_size=TEST_SIZE):
     """Write synthetic train and test splits as <data_dir>/MNIST/raw/<name>; return that folder."""
     raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = synthetic_digits(train_size, seed=1)
-    test_images, test_labels = synthetic_digits(TEST_SIZE, seed=2)
+    test_images, test_labels = synthetic_digits(test_size, seed=2)
     arrays = dict(zip(MNIST_FILES, (train_images, train_labels, test_images, test_labels)))
     for name in names:
         write_idx(raw / name, arrays[name])
@@ -184,17 +183,38 @@ def test_load_mnist_splits_and_normalizes_with_the_training_part_only(tmp_path):
     assert set(no_validation) == {"train", "test"} and len(no_validation["train"][0]) == TRAIN_SIZE
 
 
+def where_the_dot_went(images):
+    """(row, column) of each image's brightest pixel."""
+    where = images.flatten(1).argmax(dim=1)
+    return list(zip((where // 28).tolist(), (where % 28).tolist()))
+
+
 def test_shift_randomly_moves_each_digit_by_at_most_max_shift():
     images = torch.zeros(90, 28, 28)
     images[:, 14, 14] = 1.0  # one bright pixel in the middle of each digit
-    shifted = mnist.shift_randomly(images, max_shift=1, background=0.0)
-    where = shifted.flatten(1).argmax(dim=1)
-    rows, columns = where // 28, where % 28
+    shifted = mnist.shift_randomly(images, 1, 0.0, torch.Generator().manual_seed(0))
     assert shifted.sum(dim=(1, 2)).eq(1).all()  # nothing lost or invented
-    assert set(rows.tolist()) == {13, 14, 15} and set(columns.tolist()) == {13, 14, 15}
-    assert len(set(zip(rows.tolist(), columns.tolist()))) == 9  # all nine windows are used
-    edge = mnist.shift_randomly(torch.zeros(9, 28, 28), max_shift=1, background=-0.5)
+    assert set(where_the_dot_went(shifted)) == {(14 + dy, 14 + dx) for dy in (-1, 0, 1)
+                                               for dx in (-1, 0, 1)}  # all nine windows
+    edge = mnist.shift_randomly(torch.zeros(50, 28, 28), 1, -0.5, torch.Generator().manual_seed(0))
     assert set(edge.unique().tolist()) == {0.0, -0.5}  # the moved-in edge is the background
+    assert torch.equal(mnist.shift_randomly(images, 2, 0.0, torch.Generator().manual_seed(3)),
+                       mnist.shift_randomly(images, 2, 0.0, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("batch_size, max_shift", [(1, 1), (64, 4)])
+def test_every_shift_is_equally_likely_for_every_digit_at_any_batch_size(batch_size, max_shift):
+    """Batch size 1 shifts digits every way, and a batch smaller than the (2s + 1)^2 shifts
+    reaches all of them: over an epoch each shift comes up about equally often."""
+    count, shifts = 81 * 40, (2 * max_shift + 1) ** 2
+    images = torch.zeros(count, 28, 28)
+    images[:, 14, 14] = 1.0
+    batches = mnist.shuffled_batches(images, torch.zeros(count), batch_size, max_shift, 0.0,
+                                     torch.Generator().manual_seed(0))
+    seen = collections.Counter(where_the_dot_went(torch.cat([batch for batch, _ in batches])))
+    assert len(seen) == shifts
+    expected = count / shifts  # 360 for 9 shifts, 40 for 81
+    assert all(abs(n - expected) < 4.5 * math.sqrt(expected) for n in seen.values()), seen
 
 
 def test_shuffled_batches_cover_every_digit_once_in_a_new_order_each_epoch():
@@ -228,11 +248,15 @@ def test_the_batch_order_is_drawn_on_the_cpu_whatever_the_device():
 
 # --- training and evaluation -----------------------------------------------------------------
 
-def test_loss_before_training_is_near_ln_10():
+def test_loss_before_training_is_the_untrained_models_mean_loss_near_ln_10(capsys):
     torch.manual_seed(0)
-    loss = mnist.loss_before_training(mnist.MLP(), torch.randn(500, 28, 28),
-                                      torch.randint(0, 10, (500,)))
-    assert abs(loss - math.log(10)) < 0.1
+    model, images, labels = mnist.MLP(), torch.randn(500, 28, 28), torch.randint(0, 10, (500,))
+    loss = mnist.loss_before_training(model, images, labels)
+    with torch.no_grad():
+        expected = F.cross_entropy(model.eval()(images), labels).item()
+    assert loss == pytest.approx(expected, rel=1e-6) and abs(loss - math.log(10)) < 0.1
+    assert capsys.readouterr().out == f"loss before training: {expected:.3f} (a guess scores " \
+                                      "ln(10) = 2.303)\n"
 
 
 def test_one_batch_overfits_to_100_percent():
@@ -420,17 +444,6 @@ def test_at_most_25_mistakes_are_kept():
     assert [m["index"] for m in scores["mistakes"]] == list(range(39, 14, -1))
 
 
-def test_train_one_epoch_waits_for_the_device_once_per_epoch_not_per_batch(monkeypatch):
-    """.item() makes the CPU wait for the GPU; the loop itself must not call it per batch."""
-    calls = []
-    original_item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or original_item(self))
-    batches = [(torch.randn(8, 28, 28), torch.randint(0, 10, (8,)))] * 10
-    scheduler = Mock(get_last_lr=lambda: [0.1])  # what torch does inside them is not ours
-    mnist.train_one_epoch(mnist.MLP(), batches, Mock(), scheduler)
-    assert len(calls) == 2  # the loss and the accuracy, once each, after the last batch
-
-
 def test_one_cycle_warms_up_then_anneals_with_beta1_held_and_constant_stays():
     seen = replay_schedule("one-cycle", 3e-3, 100)
     rates = [rate for rate, _ in seen]
@@ -441,22 +454,39 @@ def test_one_cycle_warms_up_then_anneals_with_beta1_held_and_constant_stays():
     assert replay_schedule("constant", 1e-3, 5) == [(1e-3, 0.9)] * 5
 
 
-def test_trace_one_digit_shows_probabilities_and_adams_first_step(capsys):
-    """On a copy with dropout off: the real model and the random numbers stay untouched."""
-    torch.manual_seed(0)
-    model, image, label = mnist.MLP(), torch.randn(28, 28), torch.tensor(3)
-    weights_before = {key: value.clone() for key, value in model.state_dict().items()}
-    random_state = torch.get_rng_state()
-    probabilities, (before, gradient, after) = mnist.trace_one_digit(model, image, label, lr=0.01)
+def first_linear(model):
+    return next(module for module in model.modules() if isinstance(module, nn.Linear))
+
+
+def trace(model, optimizer, capsys):
+    """trace_one_digit on a random digit labelled 3: (probabilities, (before, gradient, after),
+    (unit, pixel), what it printed)."""
+    image = torch.randn(28, 28, generator=torch.Generator().manual_seed(1))  # not the global's
+    label = torch.tensor(3)
+    probabilities, numbers = mnist.trace_one_digit(model, optimizer, image, label)
     output = capsys.readouterr().out
+    unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)", output).groups())
     reference = copy.deepcopy(model).eval()
     F.cross_entropy(reference(image[None]), label[None]).backward()
-    gradients = reference.layers[1].weight.grad
+    return probabilities, numbers, (unit, pixel), reference, output
+
+
+def test_trace_one_digit_shows_probabilities_and_the_optimizers_first_step(capsys):
+    """Adam's first step, on copies with dropout off: the real model, its optimizer, their rate
+    and the random numbers stay untouched."""
+    torch.manual_seed(0)
+    model = mnist.MLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    optimizer.param_groups[0]["lr"] = 0.01  # as a schedule sets the first rate
+    weights_before = copy.deepcopy(model.state_dict())
+    random_state = torch.get_rng_state()
+    probabilities, (before, gradient, after), (unit, pixel), reference, output = trace(
+        model, optimizer, capsys)
+    gradients = first_linear(reference).weight.grad
     assert abs(gradient) == gradients.abs().max().item()  # the largest in size, of either sign
     assert (gradients < 0).any() and (gradients > 0).any()
-    unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)", output).groups())
     assert gradients[unit, pixel].item() == gradient
-    assert model.layers[1].weight[unit, pixel].item() == before
+    assert first_linear(model).weight[unit, pixel].item() == before
     assert probabilities.sum().item() == pytest.approx(1, abs=1e-6)
     assert probabilities.shape == (10,) and (probabilities > 0).all()
     # Adam's first step: m = (1 - beta1) g and v = (1 - beta2) g^2, both divided by their bias
@@ -467,8 +497,20 @@ def test_trace_one_digit_shows_probabilities_and_adams_first_step(capsys):
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights_before[key])  # the real model did not move
     assert model.training  # and it was not switched to eval mode
+    assert optimizer.state == {} and optimizer.param_groups[0]["lr"] == 0.01
     assert len(output.splitlines()) == 6 and f"-ln(p[3]) = -ln({probabilities[3]:.3f})" in output
-    assert "lr = 0.010000" in output
+    assert output.splitlines()[-1] == (f"  Adam's first step, at lr = 0.010000, moves it by "
+                                       f"{after - before:+.6f} to {after:+.6f}")
+
+
+def test_the_trace_takes_sgds_step_for_sgd(capsys):
+    """With SGD (README exercise 2), the first step is lr times the gradient, and says SGD."""
+    torch.manual_seed(0)
+    model = mnist.MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _, (before, gradient, after), _, _, output = trace(model, optimizer, capsys)
+    assert after == pytest.approx(before - 0.1 * gradient, abs=1e-7)
+    assert "SGD's first step, at lr = 0.100000, moves it by" in output.splitlines()[-1]
 
 
 # --- the whole run: metrics and reports ------------------------------------------------------
@@ -585,7 +627,7 @@ def test_first_layer_picture_tiles_each_units_weights_in_order():
     model = mnist.MLP()
     mosaic = np.ma.filled(mnist.plot_first_layer(model).axes[0].images[0].get_array(), np.nan)
     assert mosaic.shape == (8 * 29 + 1, 16 * 29 + 1)
-    weights = model.layers[1].weight.detach()  # (128, 784)
+    weights = first_linear(model).weight.detach()  # (128, 784)
     for unit in (0, 17, 127):
         row, column = divmod(unit, 16)
         tile = mosaic[29 * row + 1:29 * row + 29, 29 * column + 1:29 * column + 29]
@@ -596,8 +638,9 @@ def test_first_layer_picture_tiles_each_units_weights_in_order():
 
 
 def quiet_train(data_dir, **settings):
-    """train_model on the synthetic data, printing nothing: (model, metrics)."""
-    settings = {"epochs": 2, "batch_size": 64, "validation_size": VALIDATION_SIZE, **settings}
+    """train_model on the synthetic data on the CPU, printing nothing: (model, metrics)."""
+    settings = {"epochs": 2, "batch_size": 64, "validation_size": VALIDATION_SIZE, "device": "cpu",
+                **settings}
     with contextlib.redirect_stdout(io.StringIO()):
         return mnist.train_model(data_dir=data_dir, **settings)
 
@@ -633,7 +676,8 @@ def test_the_test_set_is_scored_once_per_run(data_dir, monkeypatch):
 
 
 def test_validation_size_0_trains_on_everything_and_reports_no_validation(data_dir, capsys):
-    _, metrics = mnist.train_model(epochs=2, batch_size=64, validation_size=0, data_dir=data_dir)
+    _, metrics = mnist.train_model(epochs=2, batch_size=64, validation_size=0, data_dir=data_dir,
+                                   device="cpu")
     output = capsys.readouterr().out
     assert "validation:" not in output and "validation loss" not in output
     assert not any(key.startswith("val_") for key in metrics)
@@ -648,30 +692,23 @@ def test_validation_size_0_trains_on_everything_and_reports_no_validation(data_d
 # --- the file as a lesson, and in a notebook -------------------------------------------------
 
 def test_part_1_stands_alone_so_a_student_can_copy_it(data_dir, capsys):
-    """Every Part 1 definition, the recipe included, uses only Part 1 names; and Part 1 pasted
-    alone into a fresh namespace trains a model and draws the confusion matrix."""
-    definitions = {}
-    for node in ast.parse(SOURCE).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            definitions[node.name] = node
-        elif isinstance(node, ast.Assign):
-            definitions.update({target.id: node for target in node.targets})
-    banner = SOURCE[:SOURCE.index("\n# Part 2.")].count("\n") + 1
-    part_2 = {name for name, node in definitions.items() if node.lineno > banner}
-    assert {"main", "pick_device", "write_reports"} <= part_2
-    for name, node in definitions.items():
-        if node.lineno < banner:
-            used = {child.id for child in ast.walk(node) if isinstance(child, ast.Name)}
-            assert not used & part_2, f"{name} uses Part 2's {sorted(used & part_2)}"
+    """Part 1 pasted alone into a fresh namespace picks a device, trains a model with the
+    recipe, reads a drawn digit and draws the confusion matrix: nothing it calls is missing."""
     namespace = {"__name__": "pasted"}
     exec(compile(PART_1, "part-1", "exec"), namespace)
+    assert "UserError" not in namespace and "main" not in namespace  # Part 2's
     model, metrics = namespace["train_model"](epochs=1, batch_size=64, validation_size=50,
                                               data_dir=data_dir)
     assert isinstance(model, nn.Module) and len(metrics["history"]) == 1
     assert 0 <= metrics["test_accuracy"] <= 1 and set(metrics["normalization"]) == {"mean", "std"}
+    digit = namespace["prepare_digit"](draw_seven())
+    probabilities = namespace["predict"](model, digit[None], **metrics["normalization"])
+    assert probabilities.shape == (1, 10)
     figure = namespace["plot_confusion_matrix"](metrics["confusion_matrix"])
     assert isinstance(figure, matplotlib.figure.Figure)
     assert "epoch   1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="validation_size must be 0 to 299, not -5"):
+        namespace["train_model"](validation_size=-5, data_dir=data_dir, device="cpu")
     plt.close("all")
 
 
@@ -680,6 +717,8 @@ def test_the_cells_run_in_order_in_a_notebook_and_train_with_the_defaults(tmp_pa
     own flags in sys.argv, twice. The defaults hold 5,000 digits out, so the data is larger."""
     write_mnist(tmp_path / "data", train_size=5_300)
     monkeypatch.chdir(tmp_path)  # the defaults: data/ and outputs/ in the current folder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same numbers on any
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # machine: the CPU
     monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/dist-packages/ipykernel_launcher.py",
                                       "-f", "/root/.local/share/jupyter/runtime/kernel-1.json"])
     monkeypatch.setitem(sys.modules, "ipykernel", Mock())
@@ -740,7 +779,8 @@ def test_main_in_a_notebook_keeps_its_figures_and_streams_and_the_callers_figure
     plt.close(plt.get_fignums()[-1])
     monkeypatch.delitem(sys.modules, "ipykernel")
     mnist.main(argv)
-    assert plt.get_fignums() == [mine.number] and reconfigured == [{"errors": "backslashreplace"}]
+    assert plt.get_fignums() == [mine.number]
+    assert reconfigured == [{"errors": "backslashreplace"}, {"errors": stream.errors}]  # restored
     plt.close("all")
 
 
@@ -767,7 +807,7 @@ def test_prepare_digit_reads_ink_the_same_whatever_the_colours_or_transparency()
 
 @pytest.mark.parametrize("colour", [255, 0, 128])
 def test_prepare_digit_refuses_an_image_with_no_ink(colour):
-    with pytest.raises(mnist.UserError, match="blank.png has no ink to read"):
+    with pytest.raises(ValueError, match="blank.png has no ink to read"):
         mnist.prepare_digit(Image.new("L", (50, 60), colour), name="blank.png")
 
 
@@ -828,7 +868,7 @@ def test_predict_turns_a_photo_upright_and_reads_upper_case_suffixes(trained, tm
     exif = Image.Exif()
     exif[0x0112] = 6
     upright.rotate(90, expand=True).save(folder / "PHOTO.JPG", exif=exif, quality=95)
-    digit = mnist.prepare_digit(mnist.open_image(folder / "PHOTO.JPG"))
+    digit = mnist.read_digit(folder / "PHOTO.JPG")
     assert (digit - mnist.prepare_digit(upright)).abs().max() < 0.15
     assert (mnist.prepare_digit(upright.rotate(90, expand=True)) - digit).abs().max() > 0.5
     predicted, _ = mnist.main(["--predict", str(folder), "--output-dir", str(output_dir)])
@@ -1032,16 +1072,16 @@ def test_the_seed_sets_the_first_weights(data_dir, capsys):
     assert traces[0] == traces[1] != traces[2]
 
 
-def test_the_recipes_defaults_are_the_flags_defaults():
-    """train_model(), copied alone into a notebook, trains what `python mnist.py` trains."""
-    defaults = vars(mnist.parse_args([]))
-    recipe = inspect.signature(mnist.train_model).parameters
-    for name, flag in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
-                       ("schedule", "lr_schedule"), ("max_shift", "max_shift"),
-                       ("dropout", "dropout"), ("validation_size", "validation_size"),
-                       ("seed", "seed"), ("dry_run", "dry_run")):
-        assert recipe[name].default == defaults[flag], name
-    assert Path(recipe["data_dir"].default) == defaults["data_dir"]
+def test_the_recipes_defaults_are_the_flags_defaults(tmp_path, monkeypatch):
+    """train_model(), copied alone into a notebook, trains what `python mnist.py` trains: the
+    two dry runs record the same settings. The defaults hold 5,000 digits out."""
+    write_mnist(tmp_path / "data", train_size=5_300)
+    monkeypatch.chdir(tmp_path)  # the defaults: data/ and outputs/ in the current folder
+    with contextlib.redirect_stdout(io.StringIO()):
+        flags = mnist.main(["--dry-run", "--device", "cpu"])["settings"]
+        _, recipe = mnist.train_model(dry_run=True, device="cpu")
+    assert flags == recipe["settings"]
+    assert flags["epochs"] == 1 and flags["validation_size"] == 5000 and flags["lr"] == 3e-3
 
 
 def test_the_largest_seed_is_accepted(data_dir):
@@ -1091,9 +1131,9 @@ def test_training_stops_once_the_loss_passes_ten_times_a_guesss(monkeypatch, cap
                                                                 diverged):
     """A guess scores ln(10) = 2.303: an epoch's loss above 23.03, or NaN, has diverged."""
     monkeypatch.setattr(mnist, "train_one_epoch", lambda *args: (loss, 0.1, [1e-3]))
-    with contextlib.nullcontext() if not diverged else pytest.raises(mnist.UserError,
+    with contextlib.nullcontext() if not diverged else pytest.raises(FloatingPointError,
                                                                       match="in epoch 1"):
-        history, _ = mnist.train(mnist.MLP(), None, None, list, 1, None)
+        history, _ = mnist.train_and_validate(mnist.MLP(), None, None, list, 1, None)
         assert history[0]["train_loss"] == loss
 
 
@@ -1222,7 +1262,7 @@ def test_auto_skips_a_gpu_that_torch_reports_but_cannot_use(broken_gpu, capsys, 
     broken_gpu(kind)
     assert mnist.pick_device("auto") == torch.device("cpu")
     assert capsys.readouterr().err == (
-        f"mnist.py: the {kind} device failed a test step (CUDA error: no kernel image is "
+        f"the {kind} device failed a test step (CUDA error: no kernel image is "
         "available for execution on the device); the run continues on the CPU\n")
 
 
@@ -1239,15 +1279,42 @@ def test_a_dry_run_on_auto_with_a_broken_gpu_trains_on_the_cpu(broken_gpu, data_
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(REPORTS)
 
 
+BUILDS = {  # what differs between the torch builds that students install
+    "Linux, CUDA": ("linux", "12.8", None, False, "built for CUDA 12.8"),
+    "Linux, ROCm": ("linux", None, "6.4.1", False, "built for ROCm 6.4.1"),
+    "macOS": ("darwin", None, None, True, "built for Apple's MPS"),
+    "Windows, CPU": ("win32", None, None, False, "CPU-only"),
+}
+
+
+@pytest.fixture(params=BUILDS)
+def build(request, monkeypatch):
+    """A simulated torch build and platform; returns how the error must name the build."""
+    platform, cuda, hip, mps_built, words = BUILDS[request.param]
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: mps_built)
+    return words
+
+
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
-def test_a_gpu_asked_for_by_name_that_fails_ends_in_one_line(broken_gpu, data_dir, tmp_path,
-                                                             capsys, kind):
+def test_a_gpu_asked_for_by_name_that_fails_ends_in_one_line(broken_gpu, build, data_dir,
+                                                             tmp_path, capsys, kind):
     broken_gpu(kind)
     code, message = fail(args_for(data_dir, tmp_path / "out", "--device", kind), capsys)
     assert code == 2
     assert f"--device {kind} was asked for, but CUDA error: no kernel image" in message
-    assert f"torch {torch.__version__}" in message and "--device cpu" in message
-    assert ("built for CUDA" if torch.version.cuda else "CPU-only") in message
+    assert f"torch {torch.__version__}, {build}). Use --device cpu" in message
+
+
+def test_a_missing_gpu_names_the_build_on_every_platform(build, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, message = fail(args_for(tmp_path, tmp_path / "out", "--device", "mps"), capsys)
+    assert code == 2 and f"torch finds no mps device here (torch {torch.__version__}, {build})" \
+        in message
+    assert mnist.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
 
 
 def test_the_test_step_really_runs_on_the_device(monkeypatch, capsys):
@@ -1258,7 +1325,7 @@ def test_the_test_step_really_runs_on_the_device(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert mnist.pick_device("auto") == torch.device("cpu")
     message = capsys.readouterr().err
-    assert message.startswith("mnist.py: the mps device failed a test step (")
+    assert message.startswith("the mps device failed a test step (")
     assert message.count("\n") == 1 and len(message) < 300
 
 
@@ -1332,12 +1399,15 @@ STUDENT_LAYERS = {  # README exercise 8's CNN, and other edits of MLP's layers t
 }
 
 
-def student_copy(tmp_path, name):
-    """A copy of mnist.py with MLP's layers replaced, and nothing else: the exercise's one edit."""
-    start = SOURCE.index("self.layers = nn.Sequential(") + len("self.layers = ")
-    end = SOURCE.index("\n        )\n", start) + len("\n        )")
+LAYERS = SOURCE[SOURCE.index("nn.Sequential(\n            nn.Flatten(),"):
+                SOURCE.index("\n        )\n") + len("\n        )")]
+
+
+def student_copy(tmp_path, name, old, new):
+    """A copy of mnist.py with one edit, as an exercise asks for, imported under its name."""
+    assert SOURCE.count(old) == 1, old
     path = tmp_path / f"{name}.py"
-    path.write_text(SOURCE[:start] + STUDENT_LAYERS[name] + SOURCE[end:], encoding="utf-8")
+    path.write_text(SOURCE.replace(old, new), encoding="utf-8")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -1347,13 +1417,12 @@ def student_copy(tmp_path, name):
 @pytest.mark.parametrize("name", STUDENT_LAYERS)
 def test_a_students_own_layers_run_end_to_end_with_that_edit_alone(tmp_path, name, data_dir,
                                                                    capsys):
-    student = student_copy(tmp_path, name)
-    first = {"cnn": (32, 1, 3, 3), "deeper": (256, 784), "batchnorm": (128, 784),
-             "logistic": (10, 784)}[name]
-    assert student.first_layer_weights(student.MLP()).shape == first  # the copy is the edit
+    student = student_copy(tmp_path, name, LAYERS, STUDENT_LAYERS[name])
     metrics = student.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"),
                             "--dry-run", "--device", "cpu", "--validation-size", "50"])
     output = capsys.readouterr().out
+    parameters = {"cnn": 225_034, "deeper": 235_146, "batchnorm": 110_954, "logistic": 7_850}
+    assert f"\nparameters: {parameters[name]:,}\n" in output  # the copy is the edit
     assert metrics["settings"]["epochs"] == 1 and len(metrics["history"]) == 1
     assert "Adam's first step" in output and "the largest gradient" in output
     for report in REPORTS:
@@ -1367,17 +1436,44 @@ def test_a_students_own_layers_run_end_to_end_with_that_edit_alone(tmp_path, nam
     plt.close("all")
 
 
-def test_first_layer_weights_skips_vectors_and_gives_a_row_per_filter(capsys):
-    batchnorm_first = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(784), nn.Linear(784, 10))
-    assert mnist.first_layer_weights(batchnorm_first) is batchnorm_first[2].weight
+def test_exercise_2s_sgd_copy_traces_sgds_step(tmp_path, data_dir, capsys):
+    """README exercise 2 swaps Adam for SGD with momentum in a copy: the trace must show SGD's
+    first step, lr times the gradient, at the rate of the run's first step."""
+    student = student_copy(tmp_path, "sgd", "optimizer = torch.optim.Adam(model.parameters(), "
+                           "lr=lr)", "optimizer = torch.optim.SGD(model.parameters(), lr=lr, "
+                           "momentum=0.9)")
+    metrics = student.main(args_for(data_dir, tmp_path / "out", "--lr", "0.1"))
+    output = capsys.readouterr().out
+    gradient = float(re.search(r"the largest gradient, (\S+),", output).group(1))
+    rate = metrics["learning_rates"][0]
+    assert rate == pytest.approx(0.1 / 25)
+    step = re.search(fr"  SGD's first step, at lr = {rate:.6f}, moves it by (\S+) to", output)
+    assert step and float(step.group(1)) == pytest.approx(-rate * gradient, abs=2e-6)
+    plt.close("all")
+
+
+def test_exercise_6s_broken_copy_shows_in_the_loss_before_training(tmp_path, data_dir, capsys):
+    """README exercise 6 feeds raw pixels, 0 to 255: the check before training must show it."""
+    student = student_copy(tmp_path, "broken", "pixels[name].sub_(mean).div_(std)",
+                           "pixels[name].mul_(255)")
+    student.main(args_for(data_dir, tmp_path / "out", "--dry-run"))
+    loss = float(re.search(r"loss before training: (\S+)", capsys.readouterr().out).group(1))
+    assert loss > 3 * math.log(10)
+    plt.close("all")
+
+
+def test_the_trace_follows_the_first_weight_matrix_skipping_vectors(capsys):
+    """Batch normalization first: its scales are a vector, so the trace follows the Linear
+    layer's weights. A convolution first: a row per filter, a column per 3 x 3 weight."""
     torch.manual_seed(0)
+    batchnorm_first = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(784), nn.Linear(784, 10))
+    _, (before, _, _), (unit, pixel), _, _ = trace(
+        batchnorm_first, torch.optim.Adam(batchnorm_first.parameters()), capsys)
+    assert batchnorm_first[2].weight[unit, pixel].item() == before
     convolution = nn.Sequential(nn.Unflatten(1, (1, 28)), nn.Conv2d(1, 4, 3), nn.Flatten(),
                                 nn.Linear(4 * 26 * 26, 10))
-    assert mnist.first_layer_weights(convolution) is convolution[1].weight
-    image, label = torch.randn(28, 28), torch.tensor(5)
-    _, (before, gradient, after) = mnist.trace_one_digit(convolution, image, label, lr=0.01)
-    unit, pixel = map(int, re.search(r"unit (\d+)'s weight for pixel (\d+)",
-                                     capsys.readouterr().out).groups())
+    optimizer = torch.optim.Adam(convolution.parameters(), lr=0.01)
+    _, (before, gradient, after), (unit, pixel), _, _ = trace(convolution, optimizer, capsys)
     assert 0 <= unit < 4 and 0 <= pixel < 9  # a row per filter, a column per 3 x 3 weight
     assert convolution[1].weight.flatten(1)[unit, pixel].item() == before  # the trace's copy moved
     assert after == pytest.approx(before - 0.01 * math.copysign(1, gradient), abs=1e-7)
@@ -1404,8 +1500,7 @@ def test_a_16_bit_grey_image_reads_like_its_8_bit_version(tmp_path, ink, paper):
     sixteen_bit.save(tmp_path / "scan.png")
     with Image.open(tmp_path / "scan.png") as reopened:  # as a scanner's file opens: I;16 or I
         assert reopened.mode.startswith("I")
-        assert torch.allclose(mnist.prepare_digit(reopened), mnist.prepare_digit(eight_bit),
-                              atol=1e-5)
+    assert torch.equal(mnist.read_digit(tmp_path / "scan.png"), mnist.prepare_digit(eight_bit))
 
 
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch, indexing a tensor

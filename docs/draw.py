@@ -55,7 +55,7 @@ def page(model, mean, std):
             return PROMPT, None, None
         try:  # the lesson's own preparation and prediction, as `mnist.py --predict` uses them
             digit = mnist.prepare_digit(drawing["composite"], name="the canvas")
-        except mnist.UserError:  # no ink: the canvas is empty, or everything was erased
+        except ValueError:  # no ink: the canvas is empty, or everything was erased
             return PROMPT, None, None
         probabilities = mnist.predict(model, digit[None], mean, std)[0]  # ten, summing to 1
         best = int(probabilities.argmax())

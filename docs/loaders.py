@@ -44,10 +44,10 @@ def classic_loader(data_dir, mean, std):
                                        generator=torch.Generator().manual_seed(0))
 
 
-def shifted(loader, background):
+def shifted(loader, background, generator):
     """One epoch of the loader's batches, each shifted as mnist.py shifts them."""
     for batch_images, batch_labels in loader:
-        yield mnist.shift_randomly(batch_images, 1, background), batch_labels
+        yield mnist.shift_randomly(batch_images, 1, background, generator), batch_labels
 
 
 splits, (mean, std) = mnist.load_mnist("data", VALIDATION_SIZE, "cpu")
@@ -57,7 +57,8 @@ ways = {
                                  -mean / std, torch.Generator().manual_seed(0)),
     "TensorDataset": functools.partial(shifted, torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True,
-        generator=torch.Generator().manual_seed(0)), -mean / std),
+        generator=torch.Generator().manual_seed(0)), -mean / std,
+        torch.Generator().manual_seed(1)),
     "classic": functools.partial(iter, classic_loader("data", mean, std)),
 }
 for name, epoch_batches in ways.items():
