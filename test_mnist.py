@@ -108,6 +108,12 @@ def args_for(data_dir, output_dir, *extra):
             *extra]
 
 
+def small_grids(monkeypatch, module=mnist):
+    """Grids of digits drawn as a blank 1 x 1 inch figure: the same for every model and every
+    setting, and a third of a second each, so that tests of other things stay quick."""
+    monkeypatch.setattr(module, "plot_grid", lambda *args, **kwargs: plt.figure(figsize=(1, 1)))
+
+
 def snapshot(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
@@ -364,16 +370,52 @@ def test_the_recipe_passes_dropout_black_padding_and_its_seed_on(data_dir, monke
 
 def test_a_dry_run_trains_one_epoch_of_three_batches_and_scores_at_most_1000_digits(
         tmp_path, monkeypatch):
-    write_mnist(tmp_path / "data", train_size=2_600)
+    write_mnist(tmp_path / "data", train_size=2_600, test_size=1_200)
+    monkeypatch.setattr(mnist, "draw_reports", lambda *args: {})  # metrics.json is enough
     sizes, evaluate = [], mnist.evaluate
     monkeypatch.setattr(mnist, "evaluate", lambda model, images, labels: sizes.append(
         len(labels)) or evaluate(model, images, labels))
-    _, metrics = quiet_train(tmp_path / "data", epochs=5, batch_size=32, validation_size=1_500,
-                             dry_run=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = mnist.main(args_for(tmp_path / "data", tmp_path / "out", "--dry-run", "--epochs",
+                                      "5", "--batch-size", "32", "--validation-size", "1500"))
     assert metrics["settings"]["epochs"] == 1 and metrics["settings"]["dry_run"] is True
     assert len(metrics["history"]) == 1 and len(metrics["learning_rates"]) == 3
-    # Before training (3 x 32 training digits), each epoch's validation, then the final scores.
-    assert sizes == [96, 1000, 96, 1000, TEST_SIZE]
+    # The epoch's validation, then the final scores: 3 x 32 training digits, 1,000 of the rest.
+    assert sizes == [1000, 96, 1000, 1000]
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sum(map(sum, written["confusion_matrix"])) == 1000
+    assert sum(row["support"] for row in written["per_class"].values()) == 1000
+
+
+def test_every_training_flag_takes_effect(data_dir, tmp_path, capsys, monkeypatch):
+    """main() with every training flag away from its default: each setting shows in what the
+    run wrote, and the run is the recipe's run with those settings, no other."""
+    monkeypatch.setattr(mnist, "draw_reports", lambda *args: {})  # metrics.json is enough
+    flags = {"epochs": 3, "batch_size": 32, "lr": 0.002, "schedule": "constant", "max_shift": 0,
+             "dropout": 0.0, "seed": 5, "validation_size": 0}
+    argv = [f"--{name.replace('_', '-')}" if name != "schedule" else "--lr-schedule"
+            for name in flags]
+    mnist.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"), "--device",
+                "cpu", *[str(item) for pair in zip(argv, flags.values()) for item in pair]])
+    output = capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    steps = 3 * math.ceil(TRAIN_SIZE / 32)  # 3 epochs of all 300 digits, 32 at a time
+    assert written["learning_rates"] == [0.002] * steps  # constant, at --lr
+    assert [row["epoch"] for row in written["history"]] == [1, 2, 3]
+    assert not any(key.startswith("val_") for key in written)  # no validation split
+    assert f"train: images ({TRAIN_SIZE}, 28, 28)" in output
+    torch.manual_seed(5)  # the seed's first weights are the ones the trace shows, before a step
+    unit, pixel, before = re.search(r"unit (\d+)'s weight for pixel (\d+), now (\S+)",
+                                    output).groups()
+    assert f"{first_linear(mnist.MLP()).weight[int(unit), int(pixel)].item():+.6f}" == before
+    _, recipe = quiet_train(data_dir, **flags)  # no dropout and no shifts: the same run
+    assert [row["train_loss"] for row in recipe["history"]] == [
+        row["train_loss"] for row in written["history"]]
+    assert {name: written["settings"][name] for name in flags} == flags
+    for name, value in (("dropout", 0.5), ("max_shift", 2)):  # either, alone, changes the run
+        _, other = quiet_train(data_dir, **{**flags, name: value})
+        assert other["history"][0]["train_loss"] != written["history"][0]["train_loss"]
+    plt.close("all")
 
 
 def test_each_history_row_holds_what_that_epoch_measured(data_dir, monkeypatch):
@@ -384,7 +426,7 @@ def test_each_history_row_holds_what_that_epoch_measured(data_dir, monkeypatch):
             original(*args)) or returned[-1])
     model, metrics = quiet_train(data_dir, epochs=2)
     # Per epoch: one train_one_epoch, then one evaluate of the validation digits.
-    epochs = [returned[1 + 2 * i: 3 + 2 * i] for i in range(2)]  # [0]: the loss before training
+    epochs = [returned[2 * i: 2 + 2 * i] for i in range(2)]
     for row, ((train_loss, train_accuracy, _), validation) in zip(metrics["history"], epochs):
         assert (row["train_loss"], row["train_accuracy"]) == (train_loss, train_accuracy)
         assert (row["val_loss"], row["val_accuracy"]) == (validation["loss"],
@@ -533,7 +575,8 @@ def test_metrics_json_has_every_field(finished_run):
             "learning_rates", "seconds"} == set(metrics)
     assert metrics["settings"] == {
         "epochs": 2, "batch_size": 64, "lr": 3e-3, "schedule": "one-cycle", "max_shift": 1,
-        "dropout": 0.2, "validation_size": VALIDATION_SIZE, "seed": 0, "data_dir": str(folder / "data"),
+        "dropout": 0.2, "validation_size": VALIDATION_SIZE, "seed": 0,
+        "data_dir": str(folder / "data"),
         "device": "cpu", "dry_run": False, "torch_version": torch.__version__}
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     for row in metrics["history"]:
@@ -1075,6 +1118,7 @@ def test_the_seed_sets_the_first_weights(data_dir, capsys):
 def test_the_recipes_defaults_are_the_flags_defaults(tmp_path, monkeypatch):
     """train_model(), copied alone into a notebook, trains what `python mnist.py` trains: the
     two dry runs record the same settings. The defaults hold 5,000 digits out."""
+    monkeypatch.setattr(mnist, "draw_reports", lambda *args: {})  # the settings alone matter
     write_mnist(tmp_path / "data", train_size=5_300)
     monkeypatch.chdir(tmp_path)  # the defaults: data/ and outputs/ in the current folder
     with contextlib.redirect_stdout(io.StringIO()):
@@ -1267,9 +1311,10 @@ def test_auto_skips_a_gpu_that_torch_reports_but_cannot_use(broken_gpu, capsys, 
 
 
 def test_a_dry_run_on_auto_with_a_broken_gpu_trains_on_the_cpu(broken_gpu, data_dir, tmp_path,
-                                                               capsys):
+                                                               capsys, monkeypatch):
     """--dry-run with a batch larger than the data, too: 1 epoch of 1 step."""
     broken_gpu("cuda")
+    small_grids(monkeypatch)
     metrics = mnist.main(args_for(data_dir, tmp_path / "out", "--device", "auto", "--dry-run",
                                   "--batch-size", "100000"))
     assert metrics["settings"]["device"] == "cpu"
@@ -1416,8 +1461,9 @@ def student_copy(tmp_path, name, old, new):
 
 @pytest.mark.parametrize("name", STUDENT_LAYERS)
 def test_a_students_own_layers_run_end_to_end_with_that_edit_alone(tmp_path, name, data_dir,
-                                                                   capsys):
+                                                                   capsys, monkeypatch):
     student = student_copy(tmp_path, name, LAYERS, STUDENT_LAYERS[name])
+    small_grids(monkeypatch, student)  # first_layer.png and the rest follow the model
     metrics = student.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"),
                             "--dry-run", "--device", "cpu", "--validation-size", "50"])
     output = capsys.readouterr().out
@@ -1442,7 +1488,8 @@ def test_exercise_2s_sgd_copy_traces_sgds_step(tmp_path, data_dir, capsys):
     student = student_copy(tmp_path, "sgd", "optimizer = torch.optim.Adam(model.parameters(), "
                            "lr=lr)", "optimizer = torch.optim.SGD(model.parameters(), lr=lr, "
                            "momentum=0.9)")
-    metrics = student.main(args_for(data_dir, tmp_path / "out", "--lr", "0.1"))
+    _, metrics = student.train_model(epochs=2, batch_size=64, lr=0.1, validation_size=50,
+                                     data_dir=data_dir, device="cpu")
     output = capsys.readouterr().out
     gradient = float(re.search(r"the largest gradient, (\S+),", output).group(1))
     rate = metrics["learning_rates"][0]
@@ -1456,10 +1503,9 @@ def test_exercise_6s_broken_copy_shows_in_the_loss_before_training(tmp_path, dat
     """README exercise 6 feeds raw pixels, 0 to 255: the check before training must show it."""
     student = student_copy(tmp_path, "broken", "pixels[name].sub_(mean).div_(std)",
                            "pixels[name].mul_(255)")
-    student.main(args_for(data_dir, tmp_path / "out", "--dry-run"))
+    student.train_model(dry_run=True, validation_size=50, data_dir=data_dir, device="cpu")
     loss = float(re.search(r"loss before training: (\S+)", capsys.readouterr().out).group(1))
     assert loss > 3 * math.log(10)
-    plt.close("all")
 
 
 def test_the_trace_follows_the_first_weight_matrix_skipping_vectors(capsys):
@@ -1501,6 +1547,79 @@ def test_a_16_bit_grey_image_reads_like_its_8_bit_version(tmp_path, ink, paper):
     with Image.open(tmp_path / "scan.png") as reopened:  # as a scanner's file opens: I;16 or I
         assert reopened.mode.startswith("I")
     assert torch.equal(mnist.read_digit(tmp_path / "scan.png"), mnist.prepare_digit(eight_bit))
+
+
+def odd_images(folder):
+    """Images that paint programs, scanners and phones save, each with the plain seven that it
+    should read like: {file name: (path, the plain image)}."""
+    folder.mkdir()
+    plain = draw_seven(paper=(255, 255, 255, 255)).convert("RGB")
+    on_grey = draw_seven(paper=(200, 200, 200, 255)).convert("RGB")
+    keyed = plain.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    keyed.info["transparency"] = keyed.getpixel((0, 0))  # the paper's colour: a key, not alpha
+    faint = Image.new("L", (300, 220), 200)  # ink at 15 % of the full contrast
+    ImageDraw.Draw(faint).line([(40, 30), (130, 30), (75, 180)], fill=162, width=14)
+    cases = {"palette.png": (draw_seven().convert("RGB").convert("P"), plain),
+             "la.png": (draw_seven(paper=(255, 255, 255, 0)).convert("LA"), plain),
+             "keyed-palette.png": (keyed, plain),
+             "keyed-rgb.png": (on_grey, on_grey),
+             "keyed-grey.png": (on_grey.convert("L"), on_grey),
+             "faint.png": (faint, plain)}
+    for name, (image, _) in cases.items():
+        options = {"transparency": (200, 200, 200) if name == "keyed-rgb.png" else 200} \
+            if name in ("keyed-rgb.png", "keyed-grey.png") else {}
+        image.save(folder / name, **options)
+    return {name: (folder / name, reference) for name, (_, reference) in cases.items()}
+
+
+def test_odd_images_read_like_the_plain_digit_they_show(trained, tmp_path, capsys):
+    """Palette, grey with alpha, and a transparent colour key, in each mode that has one; ink at
+    15 % contrast: each is prepared like the plain image, and --predict reads them all."""
+    output_dir, _ = trained
+    cases = odd_images(tmp_path / "odd")
+    for name, (path, reference) in cases.items():
+        with Image.open(path) as image:
+            assert name != "keyed-rgb.png" or "transparency" in image.info
+        difference = (mnist.read_digit(path) - mnist.prepare_digit(reference)).abs().max()
+        assert difference < 0.1, name
+    predicted, _ = mnist.main(["--predict", str(tmp_path / "odd"), "--output-dir",
+                               str(output_dir), "--device", "cpu"])
+    assert len(predicted) == len(cases) == len(capsys.readouterr().out.splitlines())
+
+
+def test_a_one_pixel_wide_1_stays_one_pixel_wide_and_20_tall():
+    image = Image.new("L", (60, 200), 255)
+    ImageDraw.Draw(image).line([(30, 20), (30, 180)], fill=0, width=1)
+    digit = mnist.prepare_digit(image)
+    rows, columns = np.nonzero(digit.numpy() > 0.3)
+    assert set(columns.tolist()) == {14} and rows.max() - rows.min() + 1 == 20
+    assert abs((digit.sum(dim=1) * torch.arange(28)).sum() / digit.sum() - 14) <= 0.5
+
+
+@pytest.mark.parametrize("contrast, reads", [(0.05, False), (0.15, True)])
+def test_ink_below_a_tenth_of_the_contrast_is_no_ink(trained, tmp_path, capsys, contrast, reads):
+    """Ink at 5 % of the full contrast is too faint: the one-line error. At 15 %, it reads."""
+    output_dir, _ = trained
+    image = Image.new("L", (300, 220), 200)
+    ImageDraw.Draw(image).line([(40, 30), (130, 30), (75, 180)], fill=200 - round(255 * contrast),
+                               width=14)
+    image.save(tmp_path / "faint.png")
+    argv = ["--predict", str(tmp_path / "faint.png"), "--output-dir", str(output_dir)]
+    if reads:
+        assert len(mnist.main(argv)[0]) == 1
+    else:
+        code, message = fail(argv, capsys)
+        assert code == 2 and "faint.png has no ink to read" in message
+
+
+def test_a_lopsided_digit_cropped_by_the_field_is_still_28_by_28():
+    """A heavy blob with a long thin tail: centring the mass pushes the tail off the field."""
+    image = Image.new("L", (600, 200), 255)
+    ImageDraw.Draw(image).rectangle([0, 0, 150, 199], fill=0)
+    ImageDraw.Draw(image).line([(150, 100), (599, 100)], fill=0, width=20)
+    digit = mnist.prepare_digit(image)
+    assert digit.shape == (28, 28) and abs(ink_centre_and_box(digit)[0][0] - 14) <= 0.5
+    assert digit[:, -1].max() > 0.3 and digit[:, :8].max() == 0  # cut at the right, not wrapped
 
 
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch, indexing a tensor
