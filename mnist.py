@@ -7,45 +7,42 @@ Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESUL
 docs/mnist.ipynb is this lesson as a notebook, with every output and picture under its code.
 
 A map. Part 1 is the lesson, a "# %%" cell per section in the order of a run, ending in the
-recipe, train_model (section 12), which calls the pieces in order: copy all of Part 1 to use it.
+recipe, train_model (section 12), which calls the training pieces in order: copy all of Part 1.
 Read the comments closely, but skim the code that checks and prints (pick_device, describe_data,
 loss_before_training, trace_one_digit, final_scores). Part 2 makes a command-line tool of it:
 skip it on a first read.
 """
 
 # %% 1. Imports, and the device
-import copy       # deepcopy: a copy of the model to try a step on
+import copy       # deepcopy: copies of objects
 import functools  # partial: a function with some of its arguments filled in
-import math       # log and ceil
+import math       # log, ceil and isnan
 import sys        # stderr, where notes go
-import time       # seconds per epoch
+import time       # timing
 
 import matplotlib.pyplot as plt  # figures
 import numpy as np               # arrays, to prepare your own images
-import seaborn as sns            # the confusion matrix as a heatmap
-import torch                     # tensors, gradients and optimizers
-import torch.nn as nn            # layers, which hold their own weights
-import torch.nn.functional as F  # operations as plain functions: cross_entropy, pad
+import seaborn as sns            # heatmaps
+import torch                     # the numbers, and how to learn them
+import torch.nn as nn            # the network's layers
+import torch.nn.functional as F  # the same operations as plain functions
 import torchvision               # downloads and reads MNIST's files
 from PIL import Image            # opens and resizes images
 from sklearn.metrics import classification_report, confusion_matrix  # scores per digit
 
-# A *device* is where numbers live and arithmetic runs: the CPU, or a GPU, which does thousands
-# of multiplications at once ("cuda" for NVIDIA's GPUs and AMD's, "mps" for Apple's).
+# A *device* is where numbers live and arithmetic runs: the CPU, or a GPU, doing many at once
+# ("cuda": NVIDIA's, or AMD's with torch's ROCm build; "mps": Apple's). Skim pick_device.
 
 def pick_device(name="auto"):
-    """torch.device(name), once a training step has run there; for "auto", the first of "cuda"
-    and "mps" that runs it, else the CPU."""
+    """torch.device(name), once it has computed something there; for "auto", the first of
+    "cuda" and "mps" that can, else the CPU."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    for kind in [gpu for gpu, found in available.items() if found] if name == "auto" else [name]:
+    found = [kind for kind in ("cuda", "mps") if available[kind]]
+    for kind in found if name == "auto" else [name]:
         try:  # torch can list a GPU that it cannot use, such as one too old for this torch build
             if kind != "cpu" and not available[kind]:
                 raise RuntimeError(f"torch finds no {kind} device here")
-            layer = nn.Linear(784, 10).to(kind)
-            F.cross_entropy(layer(torch.ones(2, 784, device=kind)),
-                            torch.tensor([0, 1], device=kind)).backward()
-            torch.optim.Adam(layer.parameters()).step()
-            layer.weight.sum().item()  # waits for the GPU to finish, so that its errors show here
+            torch.ones(1, device=kind).add(1).item()  # .item() waits for it: errors show here
             return torch.device(kind)
         except RuntimeError as error:  # its first sentence says what went wrong
             problem = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
@@ -58,7 +55,7 @@ def pick_device(name="auto"):
 
 # %% 2. The data
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
-# 60,000 to train on, and 10,000 to test on, written by other people than the training digits.
+# 60,000 to train on, and 10,000 to test on, written by others than the training digits' writers.
 # torch holds them in *tensors*, arrays of numbers with a shape: the training images are one
 # tensor of shape (60000, 28, 28). A network can learn its training digits by heart and still
 # read new ones badly: it *overfits*. The test set answers one question, once, at the very end:
@@ -120,12 +117,13 @@ def describe_data(splits, mean, std):
 # b1) + b2 is just another W x + b. A stack of such layers is a multi-layer perceptron, an MLP.
 # In torch a network is an nn.Module, whose method forward computes the output for a *batch* of
 # B digits at once (shapes below are (B, ...)); nn.Sequential applies its layers in turn.
-# *Dropout* fights overfitting: in training, it sets each unit's output to 0 with probability
-# 0.2, drawn anew for every digit each time, so that the network cannot rely on any one unit,
-# and multiplies the others by 1 / (1 - 0.2) = 1.25, so that each unit keeps its expected output.
-# model.train() switches it on, model.eval() off. It helps a network that overfits (README
-# exercise 10); ours, shown shifted digits (section 6) for 10 epochs, hardly overfits, and
-# validated higher without it (docs/RESULTS.md). It stays: the network we reproduce has it.
+# *Dropout* fights overfitting: in training, it sets each unit's output to 0 with probability 0.2,
+# drawn anew for every digit each time, so that the network cannot rely on any one unit, and
+# multiplies the others by 1 / (1 - 0.2) = 1.25, so that each unit keeps its expected output.
+# model.train() switches it on, model.eval() off. It helps a network that overfits (README exercise
+# 10). Ours, shown shifted digits (section 6), hardly overfits in so short a training, and scored
+# higher on the validation set without dropout (docs/RESULTS.md). It keeps dropout because this
+# lesson reproduces a published network, which has it (README.md).
 # The last layer gives ten *logits*, one score per digit, any real number: the larger, the more
 # the network favours that digit. *Softmax* turns them into probabilities that sum to 1:
 # p_i = e^(z_i) / (e^(z_0) + ... + e^(z_9)). The *loss* is one number that says how wrong the
@@ -173,32 +171,35 @@ def loss_before_training(model, images, labels):
 # backwards with the chain rule of calculus, and stores in each parameter's .grad its *gradient*:
 # how fast the loss changes as that parameter changes. An *optimizer* then moves every parameter
 # against its gradient, downhill. Stochastic gradient descent (SGD: stochastic, as each step sees a
-# random sample of the digits) does w <- w - lr * gradient: the *learning rate* lr sets the step's
-# size. Adam (Kingma and Ba, 2015), ours, keeps two running averages for each weight, each mostly
-# its old value plus a little of the newest gradient: m of the gradient, v of its square (both
-# start at 0, and early on are scaled up to undo that). It moves the weight by lr * m / (sqrt(v) +
-# 1e-8), so the step hardly depends on the gradient's size: usually about lr or less. On the first
-# step, m = g and v = g^2, so the weight moves by lr * |g| / (|g| + 1e-8): lr, unless g is tiny (0
-# stays put). The learning rate need not stay fixed: a *schedule* sets it anew for every step.
-# Ours, "one-cycle", starts at lr / 25, rises to lr over the first 15% of the steps, then falls to
+# random sample of the digits) does w <- w - lr * gradient: the *learning rate* lr sets the size.
+#
+# Adam (Kingma and Ba, 2015), ours, keeps two running averages for each weight, of its gradient g
+# and of g^2: at each step they keep 0.9 of their old value (Adam's beta1) and 0.999 (its beta2),
+# and take the rest from the newest gradient. Both start at 0, so early on Adam scales them up,
+# into m and v. It moves the weight against the gradient by lr * m / (sqrt(v) + 1e-8): about lr or
+# less, whatever the gradient's size. On the first step, m = g and v = g^2, so the move is lr * |g|
+# / (|g| + 1e-8), which is lr unless g is tiny.
+#
+# The learning rate need not stay fixed: a *schedule* sets it anew for every step. Ours,
+# "one-cycle", starts at lr / 25, rises to lr over the first 15% of the steps, then falls to
 # almost 0, both along a cosine curve. At first the weights are random and Adam's averages rest on
 # only a few gradients, yet Adam moves every weight by about the rate: the low start keeps these
-# poorly aimed steps small. Big steps then cover ground fast, and tiny steps at the end settle into
-# a low point of the loss. Here is the first step for one digit, with the run's optimizer at its
-# first rate, 3e-3 / 25 = 0.00012. Seed 0 prints:
+# poorly aimed steps small. Big steps then cover ground fast, and tiny steps at the end settle
+# into a low point of the loss. Here is the first step for one digit, with the run's optimizer at
+# its first rate, our lr of 3e-3 / 25 = 0.00012. Seed 0 prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
 #     loss -ln(p[8]) = -ln(0.089) = 2.414
-#     the largest gradient, -0.097338, is unit 73's weight for pixel 158, now -0.024416
+#     the first layer's largest gradient, -0.097338: unit 73's weight for pixel 158, now -0.024416
 #     Adam's first step, at lr = 0.000120, moves it by +0.000120 to -0.024296
 
 def make_scheduler(optimizer, schedule, lr, total_steps):
-    """The learning rate's schedule: "one-cycle", or "constant", as this project's origin had."""
+    """The learning rate's schedule: "one-cycle", or "constant", as in the published recipe."""
     if schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    # lr / 25 is OneCycleLR's default start. cycle_momentum=False keeps Adam's beta1 at 0.9: how
-    # much of its old average m keeps at each step (its "momentum"); OneCycleLR would vary it too.
+    # lr / 25 is OneCycleLR's default start. cycle_momentum=False keeps Adam's beta1 at 0.9 (its
+    # "momentum"); OneCycleLR would vary it too.
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
                                                pct_start=0.15, cycle_momentum=False)
 
@@ -207,7 +208,7 @@ def trace_one_digit(model, optimizer, image, label):
     """Print one digit's logits, probabilities, loss and gradient, and the optimizer's step."""
     # Copied together, the copy of the optimizer moves the copy's weights, at the current rate.
     model, optimizer = copy.deepcopy((model, optimizer))
-    logits = model.eval()(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28) -> (1, 10)
+    logits = model.eval()(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28), (1, 10)
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1 along dimension 0, the only one
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
@@ -224,8 +225,8 @@ def trace_one_digit(model, optimizer, image, label):
           f"  logits        {' '.join(f'{z:6.2f}' for z in logits.tolist())}\n"
           f"  probabilities {' '.join(f'{p:6.3f}' for p in probabilities.tolist())}\n"
           f"  loss -ln(p[{digit}]) = -ln({probabilities[digit]:.3f}) = {loss.item():.3f}\n"
-          f"  the largest gradient, {gradient:+.6f}, is unit {unit}'s weight for pixel {pixel}, "
-          f"now {before:+.6f}\n  {name}'s first step, at lr = {lr:.6f}, moves it by "
+          f"  the first layer's largest gradient, {gradient:+.6f}: unit {unit}'s weight for pixel "
+          f"{pixel}, now {before:+.6f}\n  {name}'s first step, at lr = {lr:.6f}, moves it by "
           f"{after - before:+.6f} to {after:+.6f}")
     return probabilities, (before, gradient, after)
 
@@ -234,7 +235,7 @@ def trace_one_digit(model, optimizer, image, label):
 # Training takes its steps on *mini-batches* of B digits (256 by default); a step's loss is the
 # mean over its batch. An *epoch* is one pass over all the training digits in a new random
 # order: 55,000 / 256 rounds up to 215 steps, so 10 epochs take 2,150. MNIST fits in memory,
-# so a batch is simply the digits at 256 shuffled indices (DataLoader does the same, slower).
+# so a batch is simply the digits at 256 shuffled indices (torch's DataLoader does so, slower).
 
 def shift_randomly(images, max_shift, background, generator):
     """Move each digit by up to max_shift pixels in each direction: an *augmentation*, new
@@ -283,8 +284,7 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
         loss.backward()
         optimizer.step()
-        # get_last_lr() is a list with a rate per group of parameters; we have one group.
-        rates.append(scheduler.get_last_lr()[0])  # the rate this step used
+        rates.append(scheduler.get_last_lr()[0])  # this step's rate ([0]: our one group of weights)
         scheduler.step()
         loss_sum += loss.detach() * len(labels)  # detach(): the number, without its graph
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -352,9 +352,10 @@ def final_scores(model, splits):
     test, truth = results["test"], splits["test"][1].cpu()
     predictions, confidences = test["predictions"], test["confidences"]
     # Per digit d: precision, of the digits predicted as d, how many were d; recall, of the true
-    # d's, how many were found; F1, which combines the two (their harmonic mean); support, how
-    # many test digits are d. labels=range(10) and zero_division=0: a row for every digit, even
-    # one that a tiny test set lacks or that is never predicted. digits=4: 4 decimal places.
+    # d's, how many were found; F1 combines the two (their harmonic mean); support: how many test
+    # digits are d. The last rows average these, plainly and weighted by support. labels=range(10):
+    # a row for every digit, even one a small test set lacks; zero_division=0: no warning where a
+    # digit is never predicted; digits=4: decimal places.
     every_digit = dict(labels=range(10), zero_division=0)
     print(f"\nthe test set:\n{classification_report(truth, predictions, digits=4, **every_digit)}")
     report = classification_report(truth, predictions, output_dict=True, **every_digit)
@@ -384,7 +385,7 @@ def plot_confusion_matrix(matrix):
 # A model knows only data like its training data; new data unlike it is a *distribution shift*.
 # MNIST stores ink as high values on a background of 0 (we draw it white on black), scaled so
 # that the longer side is 20 pixels with soft grey edges, and placed with its centre of mass
-# (the ink-weighted mean position) at the centre of the 28 x 28 field. A photo resized straight
+# (the ink-weighted mean position) in the middle of the 28 x 28 field. A photo resized straight
 # to 28 x 28 is none of these, and the network fails on it: so we prepare it as MNIST's were.
 
 def prepare_digit(image, name="the image"):
@@ -430,8 +431,7 @@ def predict(model, digits, mean, std):
 
 
 # %% 12. The recipe: everything above, in order
-# Copy Part 1 into a notebook (pip install torch torchvision matplotlib seaborn scikit-learn),
-# then (epochs=1 takes seconds; the default 10 trains the best model):
+# Copy all of Part 1 into a notebook of your own, then (epochs=1 takes seconds; the default, 10):
 #     model, metrics = train_model(epochs=1)
 #     digit = prepare_digit(Image.open("my-digit.png"))  # (28, 28)
 #     predict(model, digit[None], **metrics["normalization"]).argmax()  # the digit it reads
@@ -792,7 +792,7 @@ def main(argv=None):
     """`python mnist.py ...` in a shell, `%run mnist.py ...` in a notebook, or main([...])."""
     args = parse_args(command_line_flags() if argv is None else argv)
     in_notebook = "ipykernel" in sys.modules
-    # Until main returns: Windows' redirected output is cp1252, with no 数, so print \u6570.
+    # Until main returns: Windows' redirected output (cp1252 in the West) has no 数: print \u6570.
     streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr)
                if hasattr(stream, "reconfigure") and not in_notebook]
     for stream, _ in streams:
