@@ -10,14 +10,19 @@
    test digits read here straight from the IDX file (not through mnist.py's or torchvision's
    loading code). A model trained on a GPU is checked
    here on the CPU, which adds numbers up in another order: --near-ties N lets up to N test
-   digits, whose top two logits were nearly tied, come out the other way.
+   digits, whose top two logits were nearly tied, come out the other way. Where none did:
+   - each digit's precision, recall, F1 and support are sklearn's for those predictions;
+   - the mistakes are the 25 wrong test digits that the model was surest of, surest first, and
+     each tile of misclassified.png shows the test digit, read here, of the mistake it names;
+   - the history has a row per epoch, and its last validation numbers are the final ones.
 
 4. With --log RUN_LOG (what the run printed, seed 0 on a CPU): the output samples in mnist.py's
    Part 1 comments are true. The loss before training and the one-digit trace must appear
    exactly; each sample epoch line must match the run's to within 0.01 in each loss and 0.3
    points in each accuracy (another type of CPU rounds differently; the seconds differ anyway).
 5. With --predictions FILE (what `--predict docs/digits-to-try` printed): at least 9 of the 10
-   samples are read as the digit their file name starts with.
+   samples are read as the digit their file name starts with, and each tile of predictions.png
+   shows the image of its line, prepared for the network.
 
 Usage: python .ci/check_outputs.py [OUTPUT_DIR] [DATA_DIR] [--gate 0.98] [--near-ties 0]
                                    [--log RUN_LOG] [--predictions FILE]
@@ -25,17 +30,44 @@ Usage: python .ci/check_outputs.py [OUTPUT_DIR] [DATA_DIR] [--gate 0.98] [--near
 
 import argparse
 import gzip
+import io
 import json
 import re
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.metrics import precision_recall_fscore_support
 
+matplotlib.use("Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mnist  # noqa: E402
 from mnist import MLP  # noqa: E402
+
+
+def tiles_match(png, images, columns):
+    """Whether each image tile of a plot_grid figure saved as png shows these images, in order:
+    the pixels inside each tile (the titles above them aside) are those of the same grid drawn
+    here, untitled."""
+    figure = mnist.plot_grid(images, [""] * len(images), "", columns)
+    figure.set_dpi(100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    expected = np.asarray(Image.open(buffer).convert("RGB"))
+    with Image.open(png) as image:
+        actual = np.asarray(image.convert("RGB"))
+    if expected.shape != actual.shape:
+        return False
+    for axes in figure.axes[:len(images)]:
+        (left, bottom), (right, top) = axes.get_window_extent().get_points()
+        rows = slice(round(expected.shape[0] - top) + 2, round(expected.shape[0] - bottom) - 2)
+        columns_ = slice(round(left) + 2, round(right) - 2)
+        if not np.array_equal(expected[rows, columns_], actual[rows, columns_]):
+            return False
+    return True
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output_dir", nargs="?", type=Path, default=Path("outputs"))
@@ -110,6 +142,33 @@ print(f"OK: all reports written; test accuracy {accuracy:.4f} (gate {GATE}); mod
       f"the accuracy and the confusion matrix in metrics.json ({moved:g} predictions differ, "
       f"{args.near_ties} allowed)")
 
+history = metrics["history"]
+if [row["epoch"] for row in history] != list(range(1, metrics["settings"]["epochs"] + 1)) or (
+        history[-1]["val_accuracy"], history[-1]["val_loss"]) != (metrics["val_accuracy"],
+                                                                   metrics["val_loss"]):
+    sys.exit("FAIL: the history should hold a row per epoch, ending at the final validation scores")
+if moved == 0:
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=range(10), zero_division=0)
+    for digit in range(10):
+        row = metrics["per_class"][str(digit)]
+        if (abs(np.array([row["precision"], row["recall"], row["f1-score"]])
+                - [precision[digit], recall[digit], f1[digit]]).max() > 1e-9
+                or row["support"] != support[digit]):
+            sys.exit(f"FAIL: digit {digit}'s precision, recall, F1 or support in metrics.json is "
+                     "not sklearn's for the reloaded model's predictions")
+    confidences = logits.softmax(dim=1).max(dim=1).values
+    wrong = (predictions != labels).nonzero().flatten()
+    surest = wrong[confidences[wrong].argsort(descending=True)][:25].tolist()
+    if [mistake["index"] for mistake in metrics["mistakes"]] != surest:
+        sys.exit("FAIL: metrics.json's mistakes are not the 25 wrong test digits that the model "
+                 "was surest of, surest first")
+    if not tiles_match(output_dir / "misclassified.png", torch.from_numpy(
+            read_idx("t10k-images-idx3-ubyte").copy())[surest], columns=5):
+        sys.exit("FAIL: misclassified.png does not show the test digits of the mistakes")
+    print("OK: the history, each digit's scores, the mistakes and misclassified.png are what the "
+          "reloaded model gives on the test file")
+
 if args.log:
     printed = args.log.read_text(encoding="utf-8").splitlines()
     source = (Path(__file__).resolve().parent.parent / "mnist.py").read_text(encoding="utf-8")
@@ -150,4 +209,9 @@ if args.predictions:
     if len(lines) != 10 or len(right) < 9:
         sys.exit(f"FAIL: --predict read {len(right)} of {len(lines)} samples as their names say "
                  "(at least 9 of 10 needed):\n" + "\n".join(lines))
-    print(f"OK: --predict read {len(right)} of the {len(lines)} samples as their names say")
+    paths = [Path(line.rsplit(": ", 1)[0]) for line in lines]
+    if not tiles_match(output_dir / "predictions.png",
+                       torch.stack([mnist.read_digit(path) for path in paths]), columns=8):
+        sys.exit("FAIL: predictions.png does not show the images that --predict read, prepared")
+    print(f"OK: --predict read {len(right)} of the {len(lines)} samples as their names say, and "
+          "predictions.png shows them")
