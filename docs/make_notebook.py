@@ -37,8 +37,10 @@ INTRO = """\
 This is the lesson of `mnist.py`, Part 1, with every output and picture under the code that makes
 it. It is made from `mnist.py` by `docs/make_notebook.py`, so the two say the same: read either.
 The cells that begin *at work* are the notebook's own: they run each section's code on MNIST.
+Every other cell is Part 1: copy those to use the lesson's code in a notebook of your own. The
+README and docs/RESULTS.md, which the text names, are beside this notebook in its repository.
 
-**Run all** downloads MNIST (11 MB), trains for about a minute on a CPU, or seconds on a GPU,
+**Run all** downloads MNIST (11 MB), trains in well under a minute on a CPU, in seconds on a GPU,
 and shows every output again. It needs no other file. On Kaggle with the internet off, attach a
 dataset that holds the four MNIST files, unpacked, in a folder `MNIST/raw/`, and set `data_dir`
 below to the folder above `MNIST/`: torchvision reads unpacked files where they are, without
@@ -69,7 +71,7 @@ splits, (mean, std) = load_mnist(data_dir, validation_size, device)
 describe_data(splits, mean, std)
 train_images, train_labels = splits["train"]
 plot_grid(train_images[:20].cpu(), train_labels[:20].tolist(),
-          "The first 20 training digits, normalized, and their labels", columns=10);
+          "The first 20 training digits, standardized, and their labels", columns=10);
 """,
     "3": """\
 # At work: the network, on the device, and its number of parameters.
@@ -99,15 +101,20 @@ axes.plot(range(1, total_steps + 1), rates)
 axes.set(xlabel="step", ylabel="learning rate", title=f"The {schedule} schedule");
 """,
     "6": """\
-# At work: the first batch, and the first training digit shifted at random ten times.
+# At work: the first batch, and the first training digit as stored and shifted at random eight
+# times, each titled by how far it moved.
 batches = shuffled_batches(train_images, train_labels, batch_size, max_shift, -mean / std,
                            torch.Generator().manual_seed(seed))
 batch, batch_labels = next(batches)
 print(f"the first batch: images {tuple(batch.shape)}, labels {tuple(batch_labels.shape)}")
-shifted = shift_randomly(train_images[:1].repeat(10, 1, 1), max_shift, -mean / std,
+digit = train_images[0]
+shifted = shift_randomly(digit.repeat(8, 1, 1), max_shift, -mean / std,
                          torch.Generator().manual_seed(seed))
-plot_grid(shifted.cpu(), [""] * 10, f"The first training digit, shifted at random ten times "
-          f"(max_shift = {max_shift})", columns=10);
+moves = [next((f"{down:+d} down, {right:+d} right" for down in range(-max_shift, max_shift + 1)
+               for right in range(-max_shift, max_shift + 1)
+               if torch.allclose(digit.roll((down, right), (0, 1)), copy)), "") for copy in shifted]
+plot_grid(torch.stack([digit, *shifted]).cpu(), ["as stored", *moves],
+          f"The first training digit, shifted at random (max_shift = {max_shift})", columns=9);
 """,
     "9": """\
 # At work: training, on the batches of section 6 with the optimizer and schedule of section 5.
@@ -133,13 +140,20 @@ plot_grid(splits["test"][0][[mistake["index"] for mistake in mistakes]].cpu(),
 from PIL import ImageDraw
 photo = Image.new("RGB", (300, 220), (225, 220, 210))
 ImageDraw.Draw(photo).line([(40, 30), (130, 30), (75, 180)], fill=(30, 30, 40), width=14)
-resized = torch.from_numpy(np.asarray(photo.convert("L").resize((28, 28)), dtype=np.float32))
+resized = photo.resize((28, 28))
 prepared = prepare_digit(photo)
 titles = ["the photo"]
-for name, digit in (("resized", resized / 255), ("prepared", prepared)):
-    probabilities = predict(model, digit[None], mean, std)[0]
+for name, digit in (("resized", torch.tensor(np.asarray(resized.convert("L")) / 255)),
+                    ("prepared", prepared)):
+    probabilities = predict(model, digit[None].float(), mean, std)[0]
     titles.append(f"{name}: {probabilities.argmax()} ({probabilities.max():.0%})")
-plot_grid([photo.convert("L"), resized, prepared], titles, "What the network reads", columns=3);
+plot_grid([photo, resized, prepared], titles, "What the network reads", columns=3);
+""",
+    "12": """\
+# At work: the recipe in one call, as section 12 shows it, for one epoch. Its scores are those of
+# this new one-epoch model; the model above stays as it is.
+recipe_model, recipe_metrics = train_model(epochs=1, data_dir=data_dir)
+predict(recipe_model, prepared[None], **recipe_metrics["normalization"]).argmax()
 """,
 }
 
