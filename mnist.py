@@ -6,11 +6,13 @@
 Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
 docs/mnist.ipynb is this lesson as a notebook, with every output and picture under its code.
 
-A map. Part 1 is the lesson, a "# %%" cell per section in the order of a run, ending in the
-recipe, train_model (section 12), which calls the training pieces in order: copy all of Part 1.
-Read the comments closely, but skim the code that checks and prints (pick_device, describe_data,
-loss_before_training, trace_one_digit, final_scores). Part 2 makes a command-line tool of it:
-skip it on a first read.
+How a network learns: it turns a digit's 784 pixels into ten scores, a loss says how wrong they
+are, backward() finds which way each of its numbers should move, and an optimizer moves them a
+little; a step, on a batch of digits, repeated epoch after epoch over the training digits. Part 1
+builds these pieces in that order, a "# %%" notebook cell per section, and train_model (section 12)
+runs them: copy all of it. Skim the code that checks and prints (pick_device, describe_data,
+loss_before_training, trace_one_digit, final_scores). Part 2 makes a command-line tool of it: skip
+it on a first read.
 """
 
 # %% 1. Imports, and the device
@@ -34,8 +36,8 @@ from sklearn.metrics import classification_report, confusion_matrix  # scores pe
 # ("cuda": NVIDIA's, or AMD's with torch's ROCm build; "mps": Apple's). Skim pick_device.
 
 def pick_device(name="auto"):
-    """torch.device(name), once it has computed something there; for "auto", the first of
-    "cuda" and "mps" that can, else the CPU."""
+    """torch.device(name) ("cpu", "cuda" or "mps") if a small computation runs there; for "auto",
+    the first of "cuda" and "mps" where it runs, else the CPU."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     found = [kind for kind in ("cuda", "mps") if available[kind]]
     for kind in found if name == "auto" else [name]:
@@ -55,7 +57,7 @@ def pick_device(name="auto"):
 
 # %% 2. The data
 # MNIST holds 70,000 handwritten digits, each a 28 x 28 grey image with its label, 0 to 9:
-# 60,000 to train on, and 10,000 to test on, written by others than the training digits' writers.
+# 60,000 to train on, and 10,000 to test on, by people who wrote none of the training digits.
 # torch holds them in *tensors*, arrays of numbers with a shape: the training images are one
 # tensor of shape (60000, 28, 28). A network can learn its training digits by heart and still
 # read new ones badly: it *overfits*. The test set answers one question, once, at the very end:
@@ -175,10 +177,11 @@ def loss_before_training(model, images, labels):
 #
 # Adam (Kingma and Ba, 2015), ours, keeps two running averages for each weight, of its gradient g
 # and of g^2: at each step they keep 0.9 of their old value (Adam's beta1) and 0.999 (its beta2),
-# and take the rest from the newest gradient. Both start at 0, so early on Adam scales them up,
-# into m and v. It moves the weight against the gradient by lr * m / (sqrt(v) + 1e-8): about lr or
-# less, whatever the gradient's size. On the first step, m = g and v = g^2, so the move is lr * |g|
-# / (|g| + 1e-8), which is lr unless g is tiny.
+# and take the rest from the newest gradient. Both start at 0, so Adam divides them by 1 - 0.9^t
+# and 1 - 0.999^t at step t, which scales them up early on, into m and v. It moves the weight
+# against the gradient by lr * m / (sqrt(v) + 1e-8): usually about lr or less, whatever the
+# gradient's size. On the first step, m = g and v = g^2, so the move is lr * |g| / (|g| + 1e-8),
+# which is lr unless g is tiny.
 #
 # The learning rate need not stay fixed: a *schedule* sets it anew for every step. Ours,
 # "one-cycle", starts at lr / 25, rises to lr over the first 15% of the steps, then falls to
@@ -198,8 +201,7 @@ def make_scheduler(optimizer, schedule, lr, total_steps):
     """The learning rate's schedule: "one-cycle", or "constant", as in the published recipe."""
     if schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    # lr / 25 is OneCycleLR's default start. cycle_momentum=False keeps Adam's beta1 at 0.9 (its
-    # "momentum"); OneCycleLR would vary it too.
+    # lr / 25 is OneCycleLR's default start; cycle_momentum=False keeps Adam's beta1 at 0.9.
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
                                                pct_start=0.15, cycle_momentum=False)
 
@@ -212,8 +214,8 @@ def trace_one_digit(model, optimizer, image, label):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1 along dimension 0, the only one
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # The first weight matrix, (128, 784), as biases have one dimension; flatten(1) makes any
-    # layer's a row per unit. divmod turns argmax's position, through all rows, into (row, column).
+    # The first layer's weights, (128, 784), a row per unit, as flatten(1) makes any layer's (biases
+    # have one dimension). divmod turns argmax's place, counted row by row, into (row, column).
     weights = next(weights for weights in model.parameters() if weights.dim() > 1)
     gradients = weights.grad.flatten(1)
     unit, pixel = divmod(gradients.abs().argmax().item(), gradients.shape[1])
@@ -235,12 +237,12 @@ def trace_one_digit(model, optimizer, image, label):
 # Training takes its steps on *mini-batches* of B digits (256 by default); a step's loss is the
 # mean over its batch. An *epoch* is one pass over all the training digits in a new random
 # order: 55,000 / 256 rounds up to 215 steps, so 10 epochs take 2,150. MNIST fits in memory,
-# so a batch is simply the digits at 256 shuffled indices (torch's DataLoader does so, slower).
+# so a batch is simply the digits at 256 shuffled indices.
 
 def shift_randomly(images, max_shift, background, generator):
     """Move each digit by up to max_shift pixels in each direction: an *augmentation*, new
     training examples that keep their labels. background, the value of a black pixel after
-    normalization (-mean / std), fills what a shift uncovers. (B, 28, 28) -> (B, 28, 28)."""
+    standardizing (-mean / std), fills what a shift uncovers. (B, 28, 28) -> (B, 28, 28)."""
     # A 7 moved by a pixel is still a 7, but to a fully connected network every pixel is a
     # separate input, so it must be shown moved digits to learn that.
     s, count, device = max_shift, len(images), images.device
@@ -284,10 +286,10 @@ def train_one_epoch(model, batches, optimizer, scheduler):
         optimizer.zero_grad()  # backward() adds to .grad, so clear the last step's gradients
         loss.backward()
         optimizer.step()
-        rates.append(scheduler.get_last_lr()[0])  # this step's rate ([0]: our one group of weights)
+        rates.append(scheduler.get_last_lr()[0])  # this step's rate (a list, one per group)
         scheduler.step()
         loss_sum += loss.detach() * len(labels)  # detach(): the number, without its graph
-        correct += (logits.argmax(dim=1) == labels).sum()
+        correct += (logits.argmax(dim=1) == labels).sum()  # argmax: where each row is largest
         seen += len(labels)
     return loss_sum.item() / seen, correct.item() / seen, rates
 
@@ -311,10 +313,10 @@ def evaluate(model, images, labels):
 
 # %% 9. The training loop
 # Each epoch trains on every training digit once, then scores the validation digits. The train
-# numbers are averages taken while the weights still move, with dropout on and shifted digits,
-# so train accuracy can sit below validation accuracy (and train loss above validation loss).
-# If validation stops improving while training keeps improving, the model has begun to overfit.
-# The seconds, and the last decimals, differ from one type of CPU to another. Seed 0 prints:
+# numbers are averages taken while the weights still move, with dropout on and shifted digits, so
+# train accuracy can sit below validation accuracy. If validation stops improving while training
+# keeps improving, the model has begun to overfit. The seconds, and the last decimals, differ from
+# one type of CPU to another. Seed 0 prints:
 #   epoch   1  train loss 1.0500 accuracy 66.86%  validation loss 0.2363 accuracy 93.16%  0.54 s
 #   epoch   2  train loss 0.3024 accuracy 90.81%  validation loss 0.1436 accuracy 95.46%  0.62 s
 
@@ -343,19 +345,20 @@ def train_and_validate(model, optimizer, scheduler, epoch_batches, epochs, valid
 
 
 # %% 10. The test set, scored once
-# Only now, with every choice made, do we look at the test digits, once. The training digits are
-# scored again too, with dropout off and no shifts, to compare train and test fairly.
+# Only now, with every choice made, do we look at the test digits, once (every run prints their
+# score: while you still choose settings, read only validation's). The training digits are scored
+# again, with dropout off and no shifts, to compare fairly. Per digit d: *precision*, the share of
+# the digits read as d that were d; *recall*, the share of the true d's read as d; F1 = 2pr / (p +
+# r), high only if both are; support, the number of test d's. The last rows average them, plainly
+# and weighted by support. The *confusion matrix* counts test digits by true digit (rows) and
+# prediction (columns): off its diagonal are the mistakes.
 
 def final_scores(model, splits):
     """Score every split, print the test set's report, and return the scores."""
     results = {name: evaluate(model, *split) for name, split in splits.items()}
     test, truth = results["test"], splits["test"][1].cpu()
     predictions, confidences = test["predictions"], test["confidences"]
-    # Per digit d: precision, of the digits predicted as d, how many were d; recall, of the true
-    # d's, how many were found; F1 combines the two (their harmonic mean); support: how many test
-    # digits are d. The last rows average these, plainly and weighted by support. labels=range(10):
-    # a row for every digit, even one a small test set lacks; zero_division=0: no warning where a
-    # digit is never predicted; digits=4: decimal places.
+    # labels=range(10): ten rows, present or not; zero_division=0: 0/0 is 0; digits: decimals.
     every_digit = dict(labels=range(10), zero_division=0)
     print(f"\nthe test set:\n{classification_report(truth, predictions, digits=4, **every_digit)}")
     report = classification_report(truth, predictions, output_dict=True, **every_digit)
@@ -366,7 +369,6 @@ def final_scores(model, splits):
     scores = {f"{'val' if name == 'validation' else name}_{measure}": result[measure]  # val_loss
               for name, result in results.items() for measure in ("accuracy", "loss")}
     return {**scores, "per_class": {key: row for key, row in report.items() if key.isdigit()},
-            # Rows are the true digits, columns the predictions: off the diagonal are mistakes.
             "confusion_matrix": confusion_matrix(truth, predictions, labels=range(10)).tolist(),
             "mistakes": [{"index": i, "label": truth[i].item(), "predicted": predictions[i].item(),
                           "confidence": confidences[i].item()} for i in wrong.tolist()]}
@@ -383,22 +385,21 @@ def plot_confusion_matrix(matrix):
 
 # %% 11. Your own handwriting
 # A model knows only data like its training data; new data unlike it is a *distribution shift*.
-# MNIST stores ink as high values on a background of 0 (we draw it white on black), scaled so
+# MNIST stores ink as high values on a background of 0 (pictures show it white on black), scaled so
 # that the longer side is 20 pixels with soft grey edges, and placed with its centre of mass
 # (the ink-weighted mean position) in the middle of the 28 x 28 field. A photo resized straight
 # to 28 x 28 is none of these, and the network fails on it: so we prepare it as MNIST's were.
 
 def prepare_digit(image, name="the image"):
     """A PIL image of one digit, prepared as MNIST's digits were: a (28, 28) tensor in [0, 1]."""
-    # Lay the image on white paper, for ink drawn on a transparent canvas, and keep its brightness.
+    # Lay the image on white paper, for ink drawn on a transparent canvas, and make it grey.
     image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     grey = np.asarray(image.convert("L"), dtype=np.float32) / 255  # (height, width) in [0, 1]
     # An image's border is mostly background. If it is light, the ink is dark: invert.
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 0.5:
         grey, border = 1 - grey, 1 - border
-    # Paper is rarely pure white, and photos are noisy: subtract the background's level, so that
-    # it becomes 0, and stretch the ink to reach 1.
+    # Paper is rarely pure white: subtract the background's level, so it is 0; stretch ink to 1.
     ink = np.clip(grey - np.median(border), 0, None)
     if ink.max() < 0.1:  # less than a tenth of the full contrast: nothing to read
         raise ValueError(f"{name} has no ink to read: it is blank or all one colour. Give an image "
@@ -440,9 +441,8 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
                 dropout=0.2, validation_size=5000, seed=0, data_dir="data", device="auto",
                 dry_run=False):
     """Train the MLP on MNIST and score it once on the test set. Returns (model, metrics).
-    device: "auto" (pick_device's choice), "cpu", "cuda" or "mps". dry_run=True, a quick check:
-    1 epoch of 3 batches, and at most 1,000 validation and 1,000 test digits."""
-    device = pick_device() if device == "auto" else torch.device(device)
+    dry_run=True, a quick check: 1 epoch of 3 batches, and 1,000 validation and test digits."""
+    device = pick_device(device)
     epochs = 1 if dry_run else epochs
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                     max_shift=max_shift, dropout=dropout, validation_size=validation_size,
@@ -776,7 +776,7 @@ def train_and_write(args):
         model, metrics = train_model(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.lr_schedule,
             max_shift=args.max_shift, dropout=args.dropout, validation_size=args.validation_size,
-            seed=args.seed, data_dir=args.data_dir, device=device, dry_run=args.dry_run)
+            seed=args.seed, data_dir=args.data_dir, device=device.type, dry_run=args.dry_run)
     except FloatingPointError as error:  # the loss diverged
         raise UserError(f"{error}. Try a smaller --lr, such as 1e-3.", exit_code=1) from None
     # model.pt holds the normalization beside the weights, so that the two cannot be parted.
