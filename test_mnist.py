@@ -772,6 +772,8 @@ def test_the_cells_run_in_order_in_a_notebook_and_train_with_the_defaults(tmp_pa
     for _ in range(2):  # a student runs the notebook again, in the same kernel
         for cell in cells:
             exec(compile(cell, "mnist.py", "exec"), namespace)
+            if "plot_grid" in namespace:  # as small_grids does, in the notebook's namespace
+                namespace["plot_grid"] = lambda *args, **kwargs: plt.figure(figsize=(1, 1))
         metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
         histories.append([row["train_loss"] for row in metrics["history"]])
     assert histories[0] == histories[1] and len(histories[0]) == 10
