@@ -247,14 +247,13 @@ def shift_randomly(images, max_shift, background, generator):
     # separate input, so it must be shown moved digits to learn that.
     s, count, device = max_shift, len(images), images.device
     padded = F.pad(images, (s, s, s, s), value=background)  # (B, 28 + 2s, 28 + 2s)
-    # Each digit keeps a 28 x 28 window of its padded self, from row dy and column dx on, each
-    # drawn from 0 to 2s: all (2s + 1)^2 windows are equally likely. The window shows the digit
-    # moved s - dy pixels down and s - dx right (less than 0: up, or left).
-    dy, dx = torch.randint(0, 2 * s + 1, (2, count, 1, 1), generator=generator).to(device)
-    digit = torch.arange(count, device=device)[:, None, None]  # (B, 1, 1)
-    row = dy + torch.arange(28, device=device)[:, None]        # (B, 28, 1)
-    column = dx + torch.arange(28, device=device)              # (B, 1, 28)
-    return padded[digit, row, column]  # pixel (r, c) of digit i: padded[i, row[i, r], column[i, c]]
+    # unfold lists every 28 x 28 window of each padded digit, without copying: (B, 2s + 1, 2s + 1,
+    # 28, 28). The window at row dy, column dx shows the digit moved s - dy pixels down and s - dx
+    # right (less than 0: up, or left). Each digit keeps one window, drawn at random: all (2s + 1)^2
+    # are equally likely.
+    windows = padded.unfold(1, 28, 1).unfold(2, 28, 1)
+    dy, dx = torch.randint(0, 2 * s + 1, (2, count), generator=generator).to(device)
+    return windows[torch.arange(count, device=device), dy, dx]  # (B, 28, 28)
 
 
 def shuffled_batches(images, labels, batch_size, max_shift, background, generator):
