@@ -38,7 +38,7 @@ MUTANTS = [
      "        optimizer.step()\n        loss.backward()", None),
     ("scheduler.step() deleted", "        scheduler.step()\n", "", None),
     ("the rate recorded after the scheduler's step",
-     "        rates.append(scheduler.get_last_lr()[0])  # the rate this step used\n"
+     "        rates.append(scheduler.get_last_lr()[0])  # this step's rate (a list, one per group)\n"
      "        scheduler.step()",
      "        scheduler.step()\n        rates.append(scheduler.get_last_lr()[0])", None),
     ("the epoch's loss a sum of batch means", "loss_sum += loss.detach() * len(labels)",
