@@ -3,7 +3,7 @@
     pip install -r requirements.txt   # README.md, "Install", says which torch suits you
     python mnist.py                   # downloads MNIST (11 MB) once, trains, writes outputs/
 
-Expect about 98.4% test accuracy in about 15 seconds on a 2-core CPU (docs/RESULTS.md).
+Expect about 98.4% test accuracy in 15 to 20 seconds on a 2-core CPU (docs/RESULTS.md).
 docs/mnist.ipynb is this lesson as a notebook, with every output and picture under its code.
 
 How a network learns: it turns a digit's 784 pixels into ten scores, a loss says how wrong they
