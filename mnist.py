@@ -177,11 +177,11 @@ def loss_before_training(model, images, labels):
 #
 # Adam (Kingma and Ba, 2015), ours, keeps two running averages for each weight, of its gradient g
 # and of g^2: at each step they keep 0.9 of their old value (Adam's beta1) and 0.999 (its beta2),
-# and take the rest from the newest gradient. Both start at 0, so Adam divides them by 1 - 0.9^t
-# and 1 - 0.999^t at step t, which scales them up early on, into m and v. It moves the weight
-# against the gradient by lr * m / (sqrt(v) + 1e-8): usually about lr or less, whatever the
-# gradient's size. On the first step, m = g and v = g^2, so the move is lr * |g| / (|g| + 1e-8),
-# which is lr unless g is tiny.
+# and take the rest from the newest gradient. As they start at 0, they are too small at first; Adam
+# divides them by 1 - 0.9^t and 1 - 0.999^t at step t to make up for it, giving m and v. It moves
+# the weight against the gradient by lr * m / (sqrt(v) + 1e-8): usually about lr or less, whatever
+# the gradient's size. On the first step, m = g and v = g^2, so the move is lr * |g| / (|g| +
+# 1e-8), which is lr unless g is tiny.
 #
 # The learning rate need not stay fixed: a *schedule* sets it anew for every step. Ours,
 # "one-cycle", starts at lr / 25, rises to lr over the first 15% of the steps, then falls to
@@ -214,8 +214,8 @@ def trace_one_digit(model, optimizer, image, label):
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1 along dimension 0, the only one
     loss = F.cross_entropy(logits[None], label[None])  # -ln(probabilities[label])
     loss.backward()  # fills each parameter's .grad
-    # The first layer's weights, (128, 784), a row per unit, as flatten(1) makes any layer's (biases
-    # have one dimension). divmod turns argmax's place, counted row by row, into (row, column).
+    # The first weight matrix (biases have one dimension): (128, 784), a row per unit, as flatten(1)
+    # makes any layer's. divmod turns argmax's place, counted row by row, into (row, column).
     weights = next(weights for weights in model.parameters() if weights.dim() > 1)
     gradients = weights.grad.flatten(1)
     unit, pixel = divmod(gradients.abs().argmax().item(), gradients.shape[1])
@@ -344,13 +344,13 @@ def train_and_validate(model, optimizer, scheduler, epoch_batches, epochs, valid
 
 
 # %% 10. The test set, scored once
-# Only now, with every choice made, do we look at the test digits, once (every run prints their
-# score: while you still choose settings, read only validation's). The training digits are scored
-# again, with dropout off and no shifts, to compare fairly. Per digit d: *precision*, the share of
-# the digits read as d that were d; *recall*, the share of the true d's read as d; F1 = 2pr / (p +
-# r), high only if both are; support, the number of test d's. The last rows average them, plainly
-# and weighted by support. The *confusion matrix* counts test digits by true digit (rows) and
-# prediction (columns): off its diagonal are the mistakes.
+# Only now, with every choice made, do we look at the test digits, once. (Each run prints their
+# score: while you still choose settings, ignore it and compare validation's.) The training digits
+# are scored again, with dropout off and no shifts, to compare fairly. Per digit d: *precision*,
+# the share of the digits read as d that were d; *recall*, the share of the true d's read as d; F1
+# = 2pr / (p + r), high only if both are; support, the number of test d's. The last rows average
+# them, plainly and weighted by support. The *confusion matrix* counts test digits by true digit
+# (rows) and prediction (columns): off its diagonal are the mistakes.
 
 def final_scores(model, splits):
     """Score every split, print the test set's report, and return the scores."""

@@ -43,8 +43,8 @@ CHOOSE_BRUSH = """() => setInterval(() => {
 WHY = ("The drawing is prepared as MNIST's digits were, white on black, 20 pixels on its longer "
        "side and centred by its centre of mass (section 11 of mnist.py), because a model knows "
        "only data like its training data: for the default model a plain resize to 28 x 28 reads "
-       "10.3 % of printed digits and 24.3 % of scanned handwriting, this preparation 98.7 % and "
-       "84.4 % (docs/RESULTS.md).")
+       "11 % of printed digits and 21 % of scanned handwriting, this preparation 95 % and 83 % "
+       "(docs/RESULTS.md).")
 
 
 def page(model, mean, std):

@@ -80,6 +80,12 @@ def write_images(folder, seed=0):
     return drawn
 
 
+def read_image(path):
+    """The image in a file, read whole (these have no EXIF note to turn them, and 8 bits)."""
+    with Image.open(path) as image:
+        return image.copy()
+
+
 def plain_resize(image):
     """What a first attempt does: grey, resized straight to 28 x 28, scaled to [0, 1]."""
     grey = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
@@ -107,7 +113,7 @@ def main():
             chosen = [(path, label) for set_name, kind, path, label in drawn
                       if set_name == name and chosen_kind in (kind, "all")]
             labels = torch.tensor([label for _, label in chosen])
-            images = [mnist.open_image(path) for path, _ in chosen]
+            images = [read_image(path) for path, _ in chosen]
             scores = []
             for prepare in (mnist.prepare_digit, plain_resize):
                 digits = torch.stack([prepare(image) for image in images])
