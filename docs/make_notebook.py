@@ -36,9 +36,10 @@ INTRO = """\
 
 This is the lesson of `mnist.py`, Part 1, with every output and picture under the code that makes
 it. It is made from `mnist.py` by `docs/make_notebook.py`, so the two say the same: read either.
-The cells that begin *at work* are the notebook's own: they run each section's code on MNIST.
-Every other cell is Part 1: copy those to use the lesson's code in a notebook of your own. The
-README and docs/RESULTS.md, which the text names, are beside this notebook in its repository.
+The cells that begin *at work* are the notebook's own: they run each section's code on MNIST. So
+are the settings cell and the folded cell of figures under section 1; every other cell is Part 1:
+copy those to use the lesson's code in a notebook of your own. The README and docs/RESULTS.md,
+which the text names, are beside this notebook in its repository.
 
 **Run all** downloads MNIST (11 MB), trains in well under a minute on a CPU, in seconds on a GPU,
 and shows every output again. It needs no other file. On Kaggle with the internet off, attach a
@@ -52,8 +53,8 @@ in the cell that holds that code. Then run that cell and every cell below it aga
 """
 
 SETTINGS = """\
-# The settings: train_model's defaults (section 12) and mnist.py's flags. Change one, then run
-# this cell and the cells below it again.
+# The settings: train_model's defaults (section 12), each explained where it is used. Change one,
+# then run this cell and the cells below it again.
 epochs, batch_size, lr, schedule = 10, 256, 3e-3, "one-cycle"
 max_shift, dropout, validation_size, seed = 1, 0.2, 5000, 0
 data_dir = "data"  # where MNIST/raw/ is, or goes
@@ -88,7 +89,9 @@ loss = loss_before_training(model, train_images[:1000], train_labels[:1000])
 optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 total_steps = epochs * math.ceil(len(train_images) / batch_size)
 scheduler = make_scheduler(optimizer, schedule, lr, total_steps)
-trace_one_digit(model, optimizer, train_images[0], train_labels[0])
+_, (before, gradient, after) = trace_one_digit(model, optimizer, train_images[0], train_labels[0])
+first_rate = scheduler.get_last_lr()[0]
+print(f"  plain SGD, at the same rate, would move it by {-first_rate * gradient:+.6f}")
 # The rate at every step of the run, from the same schedule on a stand-in optimizer:
 stand_in = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
 replay, rates = make_scheduler(stand_in, schedule, lr, total_steps), []
@@ -151,9 +154,11 @@ plot_grid([photo, resized, prepared], titles, "What the network reads", columns=
 """,
     "12": """\
 # At work: the recipe in one call, as section 12 shows it, for one epoch. Its scores are those of
-# this new one-epoch model; the model above stays as it is.
+# this new one-epoch model, whose schedule rises and falls within that epoch; the model above
+# stays as it is.
 recipe_model, recipe_metrics = train_model(epochs=1, data_dir=data_dir)
-predict(recipe_model, prepared[None], **recipe_metrics["normalization"]).argmax()
+digit = predict(recipe_model, prepared[None], **recipe_metrics["normalization"]).argmax().item()
+print(f"the one-epoch model reads the prepared photo as {digit}")
 """,
 }
 
