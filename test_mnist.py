@@ -1550,6 +1550,7 @@ def test_evaluation_sees_at_most_1000_digits_at_once_and_scores_them_all(monkeyp
 @pytest.mark.parametrize("ink, paper", [(20, 235), (235, 20)])  # dark on light, and light on dark
 def test_a_16_bit_grey_image_reads_like_its_8_bit_version(tmp_path, ink, paper):
     eight_bit = draw_seven(ink=(ink,) * 3 + (255,), paper=(paper,) * 3 + (255,)).convert("L")
+    ImageDraw.Draw(eight_bit).line([(150, 150), (250, 150)], fill=(ink + paper) // 2, width=6)
     sixteen_bit = Image.fromarray(np.asarray(eight_bit).astype(np.uint16) * 257)  # 0-65535
     sixteen_bit.save(tmp_path / "scan.png")
     with Image.open(tmp_path / "scan.png") as reopened:  # as a scanner's file opens: I;16 or I
