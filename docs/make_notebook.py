@@ -1,7 +1,7 @@
 """Make docs/mnist.ipynb, the lesson as a notebook with its outputs, from mnist.py's Part 1.
 
     pip install -r docs/notebook-requirements.txt   # jupytext, nbclient and ipykernel
-    python docs/make_notebook.py           # rebuild it from mnist.py, run it, write it (2 minutes)
+    python docs/make_notebook.py           # rebuild it from mnist.py, run it, write it (a minute)
     python docs/make_notebook.py --check   # fail if its text or code is not what mnist.py makes
     python docs/make_notebook.py --run     # run it as it is, alone in an empty folder, and check
 
