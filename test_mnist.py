@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -193,6 +194,16 @@ def where_the_dot_went(images):
     """(row, column) of each image's brightest pixel."""
     where = images.flatten(1).argmax(dim=1)
     return list(zip((where // 28).tolist(), (where % 28).tolist()))
+
+
+def test_describe_data_shows_each_split_and_the_training_pixels_range(capsys):
+    splits = {"train": (torch.linspace(0, 1, 784).view(1, 28, 28), torch.tensor([3])),
+              "test": (torch.full((2, 28, 28), -5.0), torch.tensor([1, 2]))}
+    mnist.describe_data(splits, 0.13, 0.31)
+    output = capsys.readouterr().out
+    assert "     train: images (1, 28, 28) torch.float32, labels (1,) torch.int64" in output
+    assert "      test: images (2, 28, 28)" in output
+    assert output.endswith("mean 0.1300 and std 0.3100: now 0.00 to 1.00\n")
 
 
 def test_shift_randomly_moves_each_digit_by_at_most_max_shift():
@@ -564,8 +575,10 @@ def finished_run(tmp_path_factory):
     """Run the script once on synthetic data; several tests read what it wrote."""
     folder = tmp_path_factory.mktemp("run")
     write_mnist(folder / "data")
+    started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as output:
         metrics = mnist.main(args_for(folder / "data", folder / "outputs"))
+    assert 0 < metrics["seconds"] < time.perf_counter() - started  # the run's own time, no more
     return folder, metrics, output.getvalue()
 
 
@@ -893,6 +906,19 @@ def test_predict_prints_one_line_per_image_and_draws_them(trained, tmp_path, cap
     with Image.open(output_dir / "predictions.png") as image:
         assert image.format == "PNG" and image.width > 300
         image.verify()
+
+
+def test_predictions_png_shows_each_digit_under_what_was_read(trained, tmp_path, monkeypatch):
+    output_dir, folder = trained
+    drawn, plot_grid = [], mnist.plot_grid
+    monkeypatch.setattr(mnist, "plot_grid", lambda images, titles, *args, **kwargs: drawn.append(
+        (images, titles)) or plot_grid(images, titles, *args, **kwargs))
+    predicted, confidences = mnist.main(["--predict", str(folder), "--output-dir",
+                                         str(output_dir)])
+    images, titles = drawn[0]
+    assert titles == [f"{stem}\n{digit} ({confidence:.1%})" for stem, digit, confidence in
+                      zip(("a-seven", "b-seven"), predicted, confidences)]
+    assert torch.equal(images[1], mnist.read_digit(folder / "b-seven.png"))
 
 
 def test_predict_normalizes_as_training_did_and_gives_ten_probabilities(finished_run):
@@ -1603,6 +1629,20 @@ def test_a_one_pixel_wide_1_stays_one_pixel_wide_and_20_tall():
     rows, columns = np.nonzero(digit.numpy() > 0.3)
     assert set(columns.tolist()) == {14} and rows.max() - rows.min() + 1 == 20
     assert abs((digit.sum(dim=1) * torch.arange(28)).sum() / digit.sum() - 14) <= 0.5
+    dash = mnist.prepare_digit(image.transpose(Image.Transpose.ROTATE_90))  # lying down, as a -
+    rows, columns = np.nonzero(dash.numpy() > 0.3)
+    assert set(rows.tolist()) == {14} and columns.max() - columns.min() + 1 == 20
+
+
+def test_faint_strokes_count_as_ink_in_the_box():
+    """A 7 whose leg is drawn at 45 % of the bar's contrast: the leg is ink (over 0.3), so the
+    box is the whole 7, 150 pixels tall, and scaling it to 20 leaves the 90-pixel bar about 12
+    wide. Were the leg left out, the bar alone would be scaled to 20 wide."""
+    image = Image.new("L", (240, 220), 255)
+    ImageDraw.Draw(image).line([(40, 30), (130, 30)], fill=0, width=12)
+    ImageDraw.Draw(image).line([(130, 30), (75, 180)], fill=round(255 * 0.55), width=12)
+    _, columns = np.nonzero(mnist.prepare_digit(image).numpy() > 0.5)  # the bar, at full ink
+    assert 10 <= columns.max() - columns.min() + 1 <= 14
 
 
 @pytest.mark.parametrize("contrast, reads", [(0.05, False), (0.15, True)])
