@@ -461,7 +461,7 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, schedule="one-cycle", max_sh
     model = MLP(dropout).to(device)
     print(f"{model}\nparameters: {sum(weights.numel() for weights in model.parameters()):,}")
     train_images, train_labels = splits["train"]
-    loss_before_training(model, train_images[:1000], train_labels[:1000])
+    loss_before_training(model, train_images[:1000], train_labels[:1000])  # a steady mean
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     total_steps = epochs * math.ceil(len(train_images) / batch_size)  # 2,150 by default
     scheduler = make_scheduler(optimizer, schedule, lr, total_steps)
