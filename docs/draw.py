@@ -97,9 +97,9 @@ def main():
     args = parser.parse_args(mnist.command_line_flags())  # none of a notebook kernel's own
     try:
         model, (mean, std) = mnist.load_trained_model(args.output_dir)
-    except mnist.UserError as error:
+    except mnist.UserError as error:  # no model.pt, or not this script's: bad input
         print(f"draw.py: error: {error}", file=sys.stderr)
-        raise SystemExit(error.exit_code) from None
+        raise SystemExit(2) from None
     blocks = page(model, mean, std)
     # No footer (its links lead to Gradio's API and settings pages), and quiet, as this prints the
     # address. In a notebook launch() shows the page below the cell, in a frame

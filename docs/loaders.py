@@ -45,16 +45,18 @@ def classic_loader(data_dir, mean, std):
 
 
 def shifted(loader, background, generator):
-    """One epoch of the loader's batches, each shifted as mnist.py shifts them."""
-    for batch_images, batch_labels in loader:
+    """One epoch of the loader's batches, each shifted as mnist.py shifts them. loader: an
+    iterable, or a function that gives one epoch's batches."""
+    for batch_images, batch_labels in loader() if callable(loader) else loader:
         yield mnist.shift_randomly(batch_images, 1, background, generator), batch_labels
 
 
 splits, (mean, std) = mnist.load_mnist("data", VALIDATION_SIZE, "cpu")
 images, labels = splits["train"]
 ways = {
-    "tensors": functools.partial(mnist.shuffled_batches, images, labels, BATCH_SIZE, 1,
-                                 -mean / std, torch.Generator().manual_seed(0)),
+    "tensors": functools.partial(shifted, functools.partial(
+        mnist.shuffled_batches, images, labels, BATCH_SIZE, torch.Generator().manual_seed(0)),
+        -mean / std, torch.Generator().manual_seed(1)),
     "TensorDataset": functools.partial(shifted, torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True,
         generator=torch.Generator().manual_seed(0)), -mean / std,
@@ -65,11 +67,11 @@ for name, epoch_batches in ways.items():
     torch.manual_seed(0)
     model = mnist.MLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    scheduler = mnist.make_scheduler(optimizer, "one-cycle", 3e-3, EPOCHS * -(-len(images) // BATCH_SIZE))
+    mnist.schedule_rates(optimizer, "one-cycle", 3e-3, EPOCHS * -(-len(images) // BATCH_SIZE))
     seconds = []
     for epoch in range(EPOCHS):
         started = time.perf_counter()
-        mnist.train_one_epoch(model, epoch_batches(), optimizer, scheduler)
+        mnist.train_one_epoch(model, epoch_batches(), optimizer)
         accuracy = mnist.evaluate(model, *splits["validation"])["accuracy"]
         seconds.append(time.perf_counter() - started)
     print(f"{name:>13}: {statistics.median(seconds):6.2f} s per epoch (median of {EPOCHS}), "
