@@ -45,7 +45,7 @@ def pick_device(name="auto"):
 @functools.cache  # a split is read from disk once, however many runs in one session ask for it
 def load_split(data_dir, split):
     """MNIST's "train" or "test" split as stored: images (N, 28, 28) of bytes 0-255, labels (N,)."""
-    # download=True fetches the four files into data_dir/MNIST/raw/ unless they are there.
+    # download=True: fetch the four .gz files into data_dir/MNIST/raw/ and unpack them, once.
     dataset = torchvision.datasets.MNIST(data_dir, train=split == "train", download=True)
     return dataset.data, dataset.targets
 
@@ -119,7 +119,7 @@ class MLP(nn.Module):
 # Training takes its steps on *mini-batches* of B digits (64 in the original recipe). An *epoch* is
 # one pass over all the training digits, in a new random order each time: 55,000 / 64 rounds up
 # to 860 steps. torch's DataLoader makes batches of a Dataset's items, read one at a time, in
-# parallel if asked: the tool for data that does not fit in memory. MNIST fits (172 MB as floats),
+# parallel if asked: the tool for data that does not fit in memory. MNIST fits (220 MB as floats),
 # so a batch is simply the digits at B shuffled indices: simpler, and faster (docs/RESULTS.md).
 
 def shuffled_batches(images, labels, batch_size, generator):
@@ -166,13 +166,13 @@ def train_one_epoch(model, batches, optimizer):
 # every training digit once, then scores the validation digits. The train numbers are averages
 # taken while the weights still move, with dropout on, so train accuracy can sit below validation
 # accuracy. If validation stops improving while training keeps improving, the model has begun to
-# overfit. A loss that grows to NaN ("not a number", which fails every comparison) has *diverged*.
+# overfit. A loss grown to NaN ("not a number": every <, <= or == with it is false) has *diverged*.
 
 @torch.no_grad()
 def evaluate(model, images, labels):
     """{"loss", "accuracy", "predictions": (N,), "confidences": (N,)}; the last two on the CPU."""
     model.eval()
-    # 1,000 digits at a time, so that the layers' outputs for all N digits are never held at once.
+    # 1,000 digits at a time, so that the hidden layers' outputs for all N are never held at once.
     logits = torch.cat([model(chunk) for chunk in images.split(1000)])  # (N, 10)
     confidences, predictions = logits.softmax(dim=1).max(dim=1)  # each row's largest, and where
     return {"loss": F.cross_entropy(logits, labels).item(),
@@ -246,7 +246,7 @@ def train_original(epochs=10, batch_size=64, lr=1e-3, dropout=0.2, validation_si
     """Train the MLP, validating after each epoch; score the test set once. (model, metrics)."""
     device = pick_device(device)
     # The seed fixes the first weights and the dropout, the generator the batches: a run repeats
-    # exactly on the same machine (another CPU type or a GPU rounds differently).
+    # exactly on the same machine with the same torch (a GPU, or another CPU, rounds differently).
     torch.manual_seed(seed)
     splits, _ = load_mnist(data_dir, validation_size, device)
     model = MLP(dropout).to(device)
@@ -310,10 +310,10 @@ def loss_before_training(model, images, labels):
 # %% 10. One digit, one step
 # One training digit goes through a copy of the network, whose copied optimizer takes a step.
 # Adam keeps two averages per weight, of its gradient g and of g^2: each step keeps 0.9 (beta1) and
-# 0.999 (beta2) of the old value and takes the rest from the new g. As they start at 0, Adam
-# divides them by 1 - 0.9^t and 1 - 0.999^t at step t, giving m and v, and moves the weight by lr *
-# m / (sqrt(v) + 1e-8). At the first step m = g and v = g^2: a move of lr, unless g is tiny.
-# train_model traces at its lr, before the schedule (section 11) takes over. Seed 0 prints:
+# 0.999 (beta2) of the old one and takes the rest from the new g (or g^2). As they start at 0, Adam
+# divides them by 1 - 0.9^t and 1 - 0.999^t at step t, giving m and v, and moves the weight by -lr *
+# m / (sqrt(v) + 1e-8). At the first step m = g and v = g^2: a move of lr against the gradient,
+# unless g is tiny; train_model traces at its lr, before the schedule (section 11). Seed 0 prints:
 #   one training digit (label 8), through a copy of the model with dropout off:
 #     logits          0.16  -0.05   0.10   0.17   0.19   0.06  -0.20   0.03  -0.07  -0.03
 #     probabilities  0.112  0.091  0.106  0.114  0.116  0.102  0.079  0.098  0.089  0.093
@@ -322,7 +322,7 @@ def loss_before_training(model, images, labels):
 #     Adam's first step, at lr = 0.003000, moves it by +0.003000 to -0.021416
 
 def trace_one_digit(model, optimizer, image, label):
-    """Print one digit's logits, probabilities, loss and largest gradient, and the step taken."""
+    """Print one digit's logits, probabilities and loss, and the step on its largest gradient."""
     model, optimizer = copy.deepcopy((model, optimizer))  # the copied optimizer moves the copy
     logits = model.eval()(image[None])[0]  # [None] adds a batch dimension: (1, 28, 28), (1, 10)
     probabilities = logits.softmax(dim=0)  # (10,), summing to 1
@@ -330,7 +330,7 @@ def trace_one_digit(model, optimizer, image, label):
     loss.backward()
     weights = model.layers[1].weight  # (128, 784), a row per unit; .view flattens a conv's filters
     rows, gradients = weights.view(len(weights), -1), weights.grad.view(len(weights), -1)
-    unit = gradients.abs().amax(dim=1).argmax().item()  # the unit with the largest gradient,
+    unit = gradients.abs().amax(dim=1).argmax().item()  # the unit with the largest in size,
     pixel = gradients[unit].abs().argmax().item()       # and which pixel's weight it is
     before, gradient = rows[unit, pixel].item(), gradients[unit, pixel].item()
     optimizer.step()
@@ -526,7 +526,8 @@ def plot_first_layer(model):
     """first_layer.png: each first-layer unit's weights, a row of (128, 784), as a picture."""
     # Red where ink raises the unit, blue where it lowers it. Look for stroke-like detectors, and a
     # speckled border: a border pixel is black in nearly every digit, so a unit's border weights
-    # all get nearly the same gradient (about -0.42 times its bias's), and keep their random start.
+    # all get nearly the same gradient (about -0.42 times its bias's): they move together, and keep
+    # only the random differences they started with.
     weights = model.layers[1].weight.detach().cpu()
     weights = weights.view(len(weights), -1)  # exercise 8's 32 filters of 3 x 3: (32, 9)
     side = math.isqrt(weights.shape[1])
@@ -592,9 +593,9 @@ def fetch_mnist(data_dir):
     """MNIST's splits as stored (load_split), or a one-line error: where to put which files, or
     that they are not MNIST's."""
     folder = (Path(data_dir) / "MNIST" / "raw").resolve()
-    try:  # torchvision's errors for no network, HTTP 403, a damaged file, a folder that is a file
+    try:  # no network, HTTP 403, a damaged file or IDX header, a folder that is a file...
         stored = {split: load_split(data_dir, split) for split in ("train", "test")}
-    except (RuntimeError, OSError, ValueError, AssertionError) as error:  # IDX headers: by assert
+    except (RuntimeError, OSError, ValueError, TypeError, AssertionError) as error:  # torchvision's
         lines = str(error).strip().splitlines() or [type(error).__name__]  # torchvision's reason
         names = ", ".join(name[:-3] for name, _ in torchvision.datasets.MNIST.resources)  # no .gz
         dotted = ", ".join(sorted(path.name for path in folder.glob("*.idx?-ubyte")))  # unpacked so
@@ -603,7 +604,7 @@ def fetch_mnist(data_dir):
                         f"Put the four files {names}, packed (.gz) or unpacked, into {folder}, or "
                         "point --data-dir at the folder that holds MNIST/raw/; delete a file there "
                         f"that is damaged, and run again.{rename}", 1) from None
-    # torchvision reads any IDX file of images: are these MNIST's? (t10k names its test files.)
+    # torchvision reads any 3-D IDX file of bytes: are these MNIST's? (t10k: its test files.)
     for prefix, (images, labels) in zip(("train", "t10k"), stored.values()):
         size = " x ".join(map(str, images.shape[1:]))
         if size != "28 x 28" or not len(images) == len(labels) > 0 or labels.min() < 0 or \
@@ -687,7 +688,7 @@ def checked(kind, valid, words):
     """An argparse type: the text as a number of this kind, if valid(number) says so."""
     def parse(text):
         try:
-            if valid(kind(text)):  # every comparison with nan is false: nan is never valid
+            if valid(kind(text)):  # every <, <= or == with nan is false: nan is never valid
                 return kind(text)
         except ValueError:
             pass

@@ -1048,6 +1048,7 @@ def test_files_missing_misnamed_or_damaged_get_the_same_advice(tmp_path, offline
     lambda data: data[: len(data) // 2],  # an unpack cut short
     lambda data: data[:6],
     lambda data: struct.pack(">I", 1234) + data[4:],  # not an IDX file's magic number
+    lambda data: struct.pack(">4I", 0x0D03, TEST_SIZE, 28, 28) + bytes(TEST_SIZE * 3136),  # floats
 ])
 def test_a_damaged_unpacked_file_ends_in_one_line_that_names_the_folder(
         data_dir, previous_outputs, capsys, damage):
@@ -1636,8 +1637,7 @@ def snapshot(folder):  # each file's bytes, by name
 
 def ink_centre_and_box(digit):
     """(row, column) centre of mass of a 28 x 28 digit, and the longer side of its ink box."""
-    digit = digit.numpy()
-    rows, columns = np.nonzero(digit > 0.05)
+    digit, (rows, columns) = digit.numpy(), np.nonzero(digit.numpy() > 0.05)
     centre = [(digit.sum(axis=axis) * np.arange(28)).sum() / digit.sum() for axis in (1, 0)]
     return centre, max(np.ptp(rows) + 1, np.ptp(columns) + 1)
 

@@ -1,6 +1,6 @@
 """Mutation testing by hand: does `python -m pytest` catch the bugs that students make?
 
-Each mutant below is one small, plausible bug in mnist.py's Part 1 or in its --predict code: a
+Each mutant below is one small, plausible bug in mnist.py's lesson or in its tool's code: a
 line deleted, two arguments swapped, a number changed. For each, a copy of mnist.py with that one
 change goes into a temporary folder beside a copy of test_mnist.py, and the suite runs there with
 -x (it stops at the first failure). A mutant is *killed* when the suite fails, and *survives*
@@ -11,7 +11,8 @@ when it passes. Run by hand (about 10 minutes on 2 cores; CI does not run it):
     python .ci/mutants.py --random 40 --seed 1   # 40 mechanical mutants instead (see below)
 
 The list was written together with the tests that kill it, so it flatters them. --random draws
-mutants that nobody chose: in a line of Part 1 or of --predict's code (section C), picked at
+mutants that nobody chose: in a line of Parts 1 and 2, or of the tool's section 16 (MNIST's
+files, your images and the trained model), picked at
 random, it flips a comparison, swaps an arithmetic operator, changes a number, swaps True and
 False, or deletes the line if it is a whole statement. Some of those cannot be told apart from
 the original (a changed default that every caller overrides, say); read each survivor.
@@ -38,9 +39,11 @@ MUTANTS = [
      "        optimizer.step()\n        loss.backward()", None),
     ("scheduler.step() deleted", "        scheduler.step()\n", "", None),
     ("the rate recorded after the scheduler's step",
-     "        rates.append(scheduler.get_last_lr()[0])  # this step's rate (a list, one per group)\n"
+     "        rates.append(scheduler.get_last_lr()[0])  # the rate this step used\n"
      "        scheduler.step()",
      "        scheduler.step()\n        rates.append(scheduler.get_last_lr()[0])", None),
+    ("the schedule's hook never attached", "    optimizer.register_step_post_hook(next_rate)\n",
+     "", None),
     ("the epoch's loss a sum of batch means", "loss_sum += loss.detach() * len(labels)",
      "loss_sum += loss.detach()", None),
     ("the epoch's accuracy counts batches", "        seen += len(labels)", "        seen += 1",
@@ -62,8 +65,10 @@ MUTANTS = [
     ("the first dropout ignores its setting", "            nn.Dropout(dropout),\n"
      "            nn.Linear(128, 64)", "            nn.Dropout(0.2),\n            nn.Linear(128, 64)",
      None),
-    ("the recipe ignores dropout", "model = MLP(dropout).to(device)", "model = MLP().to(device)",
-     None),
+    ("train_model ignores dropout", "    model = MLP(dropout).to(device)\n    print(",
+     "    model = MLP().to(device)\n    print(", None),
+    ("train_original ignores dropout", "    model = MLP(dropout).to(device)\n    optimizer",
+     "    model = MLP().to(device)\n    optimizer", None),
     # The data
     ("validation digits also trained on", "to_train, to_validate = order[validation_size:], "
      "order[:validation_size]", "to_train, to_validate = order, order[:validation_size]", None),
@@ -75,26 +80,26 @@ MUTANTS = [
      "order = torch.arange(len(images)).to(images.device)", None),
     ("the same order every epoch", "order = torch.randperm(len(images), generator=generator)",
      "order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))", None),
-    ("the batch order ignores --seed", "max_shift, -mean / std, torch.Generator().manual_seed(seed))",
-     "max_shift, -mean / std, torch.Generator())", None),
+    ("train_model's batch order ignores the seed", "    generator = torch.Generator().manual_seed("
+     "seed)\n\n", "    generator = torch.Generator()\n\n", None),
     ("shifts pad with 0, not black", "value=background)", "value=0.0)", None),
-    ("the recipe's background is white-ish", "max_shift, -mean / std, torch.Generator()",
-     "max_shift, mean / std, torch.Generator()", None),
-    ("no shift at all", "return windows[torch.arange(count, device=device), dy, dx]",
-     "return windows[torch.arange(count, device=device), s, s]", None),
-    ("the same shift for the whole batch", "(2, count), generator=generator)",
-     "(2, 1), generator=generator)", None),
-    ("shifts drawn from the global generator", "(2, count), generator=generator)",
-     "(2, count))", None),
+    ("the recipe's background is white-ish", "max_shift, -mean / std, generator",
+     "max_shift, mean / std, generator", None),
+    ("no shift at all", "shifted[chosen] = padded[chosen, y:y + 28, x:x + 28]",
+     "shifted[chosen] = padded[chosen, s:s + 28, s:s + 28]", None),
+    ("the same shift for the whole batch", "(2, len(images)), generator=generator)",
+     "(2, 1), generator=generator).expand(2, len(images))", None),
+    ("shifts drawn from the global generator", "(2, len(images)), generator=generator)",
+     "(2, len(images)))", None),
     ("never a shift of max_shift", "torch.randint(0, 2 * s + 1,", "torch.randint(0, 2 * s,", None),
-    ("shifts only from 2 pixels up", "        if max_shift > 0:", "        if max_shift > 1:",
-     None),
-    ("a dry run trains on 30 batches", '"train": 3 * batch_size', '"train": 30 * batch_size',
-     None),
-    ("a dry run scores 10,000 validation digits", '"validation": 1000', '"validation": 10000',
-     None),
-    ("a dry run trains every epoch asked for", "epochs = 1 if dry_run else epochs",
-     "epochs = epochs", None),
+    ("a shift of 1 taken as none", "    if s == 0:\n        return images",
+     "    if s <= 1:\n        return images", None),
+    ("a dry run trains on 30 batches", "[3 * batch_size, 1000, 1000]",
+     "[30 * batch_size, 1000, 1000]", None),
+    ("a dry run scores 10,000 validation digits", "[3 * batch_size, 1000, 1000]",
+     "[3 * batch_size, 10000, 1000]", None),
+    ("a dry run trains every epoch asked for", "epochs = pick_device(device), 1 if dry_run else epochs",
+     "epochs = pick_device(device), epochs", None),
     ("--validation-size 0 keeps an empty validation split",
      '    if validation_size == 0:\n        del splits["validation"]\n', "", None),
     ("the seed ignored", "    torch.manual_seed(seed)\n", "    torch.manual_seed(0)\n", None),
@@ -103,11 +108,13 @@ MUTANTS = [
     ("the peak a tenth of --lr", "max_lr=lr,", "max_lr=lr / 10,", None),
     ("the constant schedule halves the rate", "ConstantLR(optimizer, factor=1.0)",
      "ConstantLR(optimizer, factor=0.5)", None),
-    ("the trace before the schedule sets the first rate",
-     "    scheduler = make_scheduler(optimizer, schedule, lr, total_steps)\n"
-     "    trace_one_digit(model, optimizer, train_images[0], train_labels[0])",
+    ("the trace after the schedule's hook: its copy steps the real schedule",
      "    trace_one_digit(model, optimizer, train_images[0], train_labels[0])\n"
-     "    scheduler = make_scheduler(optimizer, schedule, lr, total_steps)", None),
+     "    total_steps = epochs * math.ceil(len(train_images) / batch_size)  # 2,150 by default\n"
+     "    rates = schedule_rates(optimizer, lr_schedule, lr, total_steps)",
+     "    total_steps = epochs * math.ceil(len(train_images) / batch_size)  # 2,150 by default\n"
+     "    rates = schedule_rates(optimizer, lr_schedule, lr, total_steps)\n"
+     "    trace_one_digit(model, optimizer, train_images[0], train_labels[0])", None),
     ("the trace steps the real optimizer", "model, optimizer = copy.deepcopy((model, optimizer))",
      "model = copy.deepcopy(model)", None),
     # The numbers reported
@@ -134,12 +141,12 @@ MUTANTS = [
      None),
     ("the mistakes' confidence is another digit's",
      '"confidence": confidences[i].item()', '"confidence": confidences[0].item()', None),
-    ("the trace picks the largest signed gradient", "gradients.abs().argmax().item()",
-     "gradients.argmax().item()", None),
+    ("the trace picks the largest signed gradient", "unit = gradients.abs().amax(dim=1)",
+     "unit = gradients.amax(dim=1)", None),
     ("mean and std swapped in metrics", '"normalization": {"mean": mean, "std": std}',
      '"normalization": {"mean": std, "std": mean}', None),
-    ("divergence caught only at 100 guesses", "train_loss > 10 * math.log(10)",
-     "train_loss > 100 * math.log(10)", None),
+    ("divergence caught only at 100 guesses", "train_loss < 10 * math.log(10)",
+     "train_loss < 100 * math.log(10)", None),
     # Your own digits
     ("never inverted", "    if np.median(border) > 0.5:", "    if np.median(border) > 1.5:",
      None),
@@ -153,35 +160,40 @@ MUTANTS = [
     ("16-bit grey read as 8-bit", "(np.asarray(image) / 257)", "np.asarray(image)", None),
     ("the background not subtracted", "ink = np.clip(grey - np.median(border), 0, None)",
      "ink = np.clip(grey, 0, None)", None),
-    ("predict does not normalize", "return model((digits - mean) / std).softmax(dim=1).cpu()",
-     "return model(digits).softmax(dim=1).cpu()", None),
-    ("predict's softmax across digits", "return model((digits - mean) / std).softmax(dim=1).cpu()",
-     "return model((digits - mean) / std).softmax(dim=0).cpu()", None),
+    ("predict does not normalize", "return model.eval()((digits - mean) / std).softmax(dim=1)",
+     "return model.eval()(digits).softmax(dim=1)", None),
+    ("predict's softmax across digits", "return model.eval()((digits - mean) / std).softmax(dim=1)",
+     "return model.eval()((digits - mean) / std).softmax(dim=0)", None),
+    ("predict with dropout on", "return model.eval()((digits - mean) / std)",
+     "return model.train()((digits - mean) / std)", None),
+    ("a speck counts as part of the digit", "amounts >= amounts.max() / 10", "amounts >= 0", None),
+    ("a separate stroke dropped", "amounts >= amounts.max() / 10", "amounts >= amounts.max()",
+     None),
     ("EXIF rotation ignored", "image = ImageOps.exif_transpose(image)", "image = image.copy()",
      None),
     ("upper-case suffixes skipped", "file.suffix.lower() in readable", "file.suffix in readable",
      None),
-    ("hidden files read", 'and not file.name.startswith(".") and', "and", None),
-    ("mean and std swapped on loading", 'return model, (saved["mean"], saved["std"])',
-     'return model, (saved["std"], saved["mean"])', None),
+    ("hidden files read", 'and not file.name.startswith(".")\n', "\n", None),
+    ("mean and std swapped on loading", 'return model, (float(saved["mean"]), float(saved["std"]))',
+     'return model, (float(saved["std"]), float(saved["mean"]))', None),
+    ("model.pt saved with the device's tensors", "{key: value.cpu() for key, value in",
+     "{key: value for key, value in", None),
     ("the digit and its confidence swapped", "confidences, predicted = predict(",
      "predicted, confidences = predict(", None),
-    ("--device ignored by --predict", "predict(model.to(device_or_error(device))",
-     "predict(model.to(device_or_error(\"cpu\"))", None),
-    # main() hands each flag to the recipe
-    ("main hard-codes the schedule", "schedule=args.lr_schedule", 'schedule="one-cycle"', None),
-    ("main hard-codes max_shift", "max_shift=args.max_shift", "max_shift=1", None),
-    ("main hard-codes dropout", "dropout=args.dropout", "dropout=0.2", None),
-    ("main hard-codes the seed", "seed=args.seed", "seed=0", None),
-    ("main hard-codes the learning rate", "lr=args.lr", "lr=3e-3", None),
-    ("main hard-codes the epochs", "epochs=args.epochs", "epochs=10", None),
-    ("main hard-codes the batch size", "batch_size=args.batch_size", "batch_size=256", None),
-    ("main hard-codes the validation size", "validation_size=args.validation_size",
-     "validation_size=5000", None),
-    ("a dry run scores every test digit", '"test": 1000}', '"test": 10**9}', None),
+    ("--device ignored by --predict", "predict(model.to(device), digits",
+     "predict(model.to(\"cpu\"), digits", None),
+    # main() hands each flag to the recipe, with train_model's defaults
+    ("main passes no flag on", "model, metrics = train_model(**{**recipe, \"device\": device})",
+     "model, metrics = train_model(device=device)", None),
+    ("a flag's default hard-coded", 'default=default[flag[2:].replace("-", "_")]',
+     'default=default[flag[2:].replace("-", "_")] if flag != "--epochs" else 10', None),
+    ("a dry run scores every test digit", "[3 * batch_size, 1000, 1000]",
+     "[3 * batch_size, 1000, 10**9]", None),
+    ("the device probed again in train_model", "device, epochs = pick_device(device), 1 if",
+     "device, epochs = device_or_error(device), 1 if", None),
     # The tool
-    ("bad input exits 1", "def __init__(self, message, exit_code=2):",
-     "def __init__(self, message, exit_code=1):", None),
+    ("bad input exits 1", "raise SystemExit(error.args[1] if len(error.args) > 1 else 2)",
+     "raise SystemExit(error.args[1] if len(error.args) > 1 else 1)", None),
     ("Ctrl-C exits 1", "raise SystemExit(130) from None", "raise SystemExit(1) from None", None),
     ("a report written in place", "content.savefig(temporary, format=\"png\", dpi=100)",
      "content.savefig(path, format=\"png\", dpi=100)", None),
@@ -195,7 +207,7 @@ SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+"
 
 
 def random_mutants(count, seed):
-    """Mechanical mutants of Part 1's code and section C's (never of comments or strings):
+    """Mechanical mutants of the lesson's code and section 16's (never of comments or strings):
     (name, old line, new line, None), each old line unique in the file."""
     import ast
     import io
@@ -203,10 +215,10 @@ def random_mutants(count, seed):
     import tokenize
     source = (ROOT / "mnist.py").read_text(encoding="utf-8")
     lines = source.splitlines()
-    part_2 = source[:source.index("\n# Part 2.")].count("\n") + 2
-    section_c = (source[:source.index("# %% C.")].count("\n") + 1,
-                 source[:source.index("# %% D.")].count("\n") + 1)
-    wanted = set(range(1, part_2)) | set(range(*section_c))
+    part_3 = source[:source.index("\n# Part 3.")].count("\n") + 2
+    section_16 = (source[:source.index("# %% 16.")].count("\n") + 1,
+                  source[:source.index("# %% 17.")].count("\n") + 1)
+    wanted = set(range(1, part_3)) | set(range(*section_16))
     candidates = []
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         row, column = token.start
