@@ -188,7 +188,7 @@ def train_and_validate(model, optimizer, epoch_batches, epochs, validation):
         train_loss, train_accuracy = train_one_epoch(model, epoch_batches(), optimizer)
         if not train_loss < 10 * math.log(10):  # NaN, or 10 times a guess's loss (section 3)
             raise FloatingPointError(f"the training loss reached {train_loss:.3g} in epoch {epoch}:"
-                                     " training has diverged; the learning rate is too high")
+                                     " training has diverged; the learning rate is too high?")
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy}
         line = f"epoch {epoch:>3}  train loss {train_loss:.4f} accuracy {train_accuracy:6.2%}"
         if validation is not None:
@@ -239,7 +239,7 @@ def plot_confusion_matrix(matrix):
 
 # %% 8. The original recipe, whole
 # Adam at a learning rate of 1e-3, batches of 64, 10 epochs: the write-up reported 97.85% on the
-# test set. plot_confusion_matrix(metrics["confusion_matrix"]) then draws (plt.show() shows) it.
+# test set. plot_confusion_matrix(metrics["confusion_matrix"]) draws it (a script: plt.show()).
 
 def train_original(epochs=10, batch_size=64, lr=1e-3, dropout=0.2, validation_size=5000, seed=0,
                    data_dir="data", device="auto"):
@@ -330,7 +330,7 @@ def trace_one_digit(model, optimizer, image, label):
     loss.backward()
     weights = model.layers[1].weight  # (128, 784), a row per unit; .view flattens a conv's filters
     rows, gradients = weights.view(len(weights), -1), weights.grad.view(len(weights), -1)
-    unit = gradients.abs().amax(dim=1).argmax().item()  # the unit with the largest in size,
+    unit = gradients.abs().amax(dim=1).argmax().item()  # the unit of the gradient largest in size,
     pixel = gradients[unit].abs().argmax().item()       # and which pixel's weight it is
     before, gradient = rows[unit, pixel].item(), gradients[unit, pixel].item()
     optimizer.step()
@@ -431,7 +431,7 @@ def prepare_digit(image, name="the image"):
         raise ValueError(f"{name} has no ink to read: it is blank or all one colour. Give an image "
                          "of one digit, dark on light or light on dark")
     ink /= ink.max()
-    # The digit is every mark (touching pixels above 0.3, the noise's level) with at least a tenth
+    # The digit is every mark (touching pixels over 0.3, above the noise) with at least a tenth
     # of the largest mark's ink: a speck of dust or a stray dot would widen its box.
     marks, count = ndimage.label(ink > 0.3, structure=np.ones((3, 3)))  # diagonals touch too
     amounts = ndimage.sum_labels(ink, marks, range(1, count + 1))  # each mark's ink
@@ -458,7 +458,7 @@ def predict(model, digits, mean, std):
 
 
 # %% 14. The recipe: the original, and every step above
-# Batches of 256 (as good as 64 on validation, in 60% of the time), a one-cycle schedule up to
+# Batches of 256 (as good as 64 on validation, in just over half the time), one-cycle up to
 # 3e-3, shifts of up to one pixel, and the checks: `python mnist.py` runs it, and scores the test
 # set once, as the final run of a recipe chosen on validation: about 98.4%. Dropout, honestly,
 # stays only as the original has it: without it, validation rises to 98.21%, shifts regularizing
@@ -475,7 +475,7 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, lr_schedule="one-cycle", max
     print("settings: " + " ".join(f"{key}={value}" for key, value in settings.items()))
     torch.manual_seed(seed)  # as in train_original
     splits, (mean, std) = load_mnist(data_dir, validation_size, device)
-    if dry_run:  # 3 batches to train on, 1,000 digits to validate and test on
+    if dry_run:  # as the docstring says
         splits = {name: (images[:size], labels[:size]) for (name, (images, labels)), size in
                   zip(splits.items(), [3 * batch_size, 1000, 1000])}
     describe_data(splits, mean, std)
