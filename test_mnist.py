@@ -306,8 +306,9 @@ def test_the_core_pasted_alone_trains_with_its_defaults(tmp_path, monkeypatch, c
 
 def test_train_model_with_the_original_settings_runs_the_original_recipe(data_dir):
     """train_model builds on the core's pieces: set as the original recipe, it trains exactly as
-    train_original does, and reaches the same scores."""
-    settings = dict(epochs=2, validation_size=VALIDATION_SIZE, data_dir=data_dir, device="cpu")
+    train_original does, and reaches the same scores (with another seed and dropout, too)."""
+    settings = dict(epochs=2, validation_size=VALIDATION_SIZE, data_dir=data_dir, device="cpu",
+                    seed=3, dropout=0.1)
     with contextlib.redirect_stdout(io.StringIO()):
         _, original = mnist.train_original(**settings)
         _, model = mnist.train_model(batch_size=64, lr=1e-3, lr_schedule="constant", max_shift=0,
@@ -583,6 +584,7 @@ def test_each_figure_is_the_one_its_name_says(finished_run):
     sizes = {name: tuple(round(inches * 100) for inches in figure.get_size_inches())
              for name, figure in figures.items()}
     assert len(set(sizes.values())) == len(sizes)  # so that two swapped files would show
+    assert (sizes["digits.png"], sizes["training_curves.png"]) == ((1440, 680), (1500, 400))
     for name, size in sizes.items():
         with Image.open(outputs / name) as image:
             # Within a pixel: matplotlib 3.8 cuts 1.8 inches x 100 dpi, 179.99..., to 179.
@@ -954,9 +956,8 @@ def test_predict_refuses_bad_images_in_one_line_and_changes_nothing(trained, tmp
 # --- the trained model: saved on any device, read on any machine -----------------------------
 
 def test_a_model_trained_on_a_gpu_is_saved_with_cpu_tensors(data_dir, tmp_path, monkeypatch):
-    """A stand-in for a GPU's weights: CPU tensors that say they are on "cuda", as a GPU-trained
-    model's are, and that only .cpu() turns back into plain CPU tensors. model.pt must hold
-    plain CPU tensors, which torch.load reads where torch sees no GPU."""
+    """A GPU's weights stood in for (OnAGpu): model.pt must hold plain CPU tensors, which
+    torch.load reads where torch sees no GPU."""
     train_model = mnist.train_model
 
     def trained_on_a_gpu(**settings):
@@ -988,9 +989,11 @@ def test_a_model_trained_on_a_gpu_is_saved_with_cpu_tensors(data_dir, tmp_path, 
         {"weights": nn.Linear(784, 10).state_dict(), "mean": 0.1, "std": 0.3},
         {"weights": mnist.MLP().state_dict(), "mean": "not a number", "std": 0.3},
         {"weights": mnist.MLP().state_dict(), "mean": 0.1}, {"weights": 5, "mean": 0.1,
-                                                             "std": 0.3}]]],
+                                                             "std": 0.3},
+        {"weights": mnist.MLP().state_dict(), "mean": 0.1, "std": 0.3, "code": nn.Identity()}]]],
     ids=["missing", "garbage", "cut short", "weights alone", "a tensor", "a list", "a number",
-         "None", "a string", "another network", "a bad mean", "no std", "weights a number"])
+         "None", "a string", "another network", "a bad mean", "no std", "weights a number",
+         "an object, which could run code"])
 def test_predict_without_this_networks_model_says_what_to_do(trained, capsys, damage):
     output_dir, folder = trained
     damage(output_dir / "model.pt")
@@ -1003,10 +1006,7 @@ def test_predict_without_this_networks_model_says_what_to_do(trained, capsys, da
 
 def test_a_model_pt_that_cannot_be_read_gets_the_one_line_error(trained, monkeypatch, capsys):
     output_dir, folder = trained
-
-    def refused(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(torch, "load", refused)
+    monkeypatch.setattr(torch, "load", Mock(side_effect=PermissionError(13, "Permission denied")))
     code, message = fail(["--predict", str(folder), "--output-dir", str(output_dir)], capsys)
     assert code == 2 and f"{output_dir / 'model.pt'} does not hold this script's" in message
 
@@ -1124,8 +1124,8 @@ def test_bad_flags_get_one_line_and_exit_code_2(tmp_path, capsys, flag, value, w
 
 
 def test_the_largest_seed_is_accepted(data_dir):
-    assert mnist.parse_args(["--seed", str(2**64 - 1)]).seed == 2**64 - 1
-    assert quiet_train(data_dir, seed=2**64 - 1, dry_run=True)[1]["settings"]["seed"] == 2**64 - 1
+    assert mnist.parse_args(["--seed", str(2**64 - 1)]).seed == 2**64 - 1 == quiet_train(
+        data_dir, seed=2**64 - 1, dry_run=True)[1]["settings"]["seed"]
 
 
 def test_output_dir_that_is_a_file_or_cannot_be_created(data_dir, tmp_path, capsys):

@@ -41,9 +41,9 @@ CHOOSE_BRUSH = """() => setInterval(() => {
         document.querySelector("#canvas .toolbar-wrap button")?.click();
 }, 100)"""
 WHY = ("The drawing is prepared as MNIST's digits were, white on black, 20 pixels on its longer "
-       "side and centred by its centre of mass (section 11 of mnist.py), because a model knows "
+       "side and centred by its centre of mass (section 13 of mnist.py), because a model knows "
        "only data like its training data: for the default model a plain resize to 28 x 28 reads "
-       "11 % of printed digits and 21 % of scanned handwriting, this preparation 95 % and 83 % "
+       "11 % of printed digits and 22 % of scanned handwriting, this preparation 95 % and 83 % "
        "(docs/RESULTS.md).")
 
 
