@@ -288,10 +288,10 @@ def check_run(committed, fresh, gate, log):
     if not original or original < 97.5 or not final or final < 100 * gate:
         problems.append(f"test accuracy {original}% for the original recipe (at least 97.5% "
                         f"wanted) and {final}% for train_model (at least {100 * gate:g}%)")
-    for name, new, old in zip(("original recipe", "train_model"), (original, final),
+    for name, new, old in zip(("the original recipe", "train_model"), (original, final),
                               committed_accuracies):
         if new and (old is None or abs(new - old) > 0.5):
-            problems.append(f"the committed notebook shows {old}% for the {name}'s test "
+            problems.append(f"the committed notebook shows {old}% as {name}'s test "
                             f"accuracy, where a fresh run scores {new}%")
     if log is not None:
         wanted, got = epochs(log.read_text(encoding="utf-8")), epochs(printed(fresh, "# At work: "
