@@ -505,6 +505,7 @@ def train_model(epochs=10, batch_size=256, lr=3e-3, lr_schedule="one-cycle", max
 
 # %% 15. The tool's imports, its errors, and the reports
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -636,14 +637,13 @@ def read_digit(path):
     try:
         with Image.open(path) as image:  # phones store photos sideways, with an EXIF note:
             image = ImageOps.exif_transpose(image)  # an upright copy, read whole (or failing) now
-    except (OSError, ValueError, Image.DecompressionBombError):  # not an image, cut short...
+        if image.mode.startswith("I"):  # 16-bit grey, as scanners save it: 0-65535, made 0-255
+            image = Image.fromarray((np.asarray(image) / 257).clip(0, 255).round().astype(np.uint8))
+        return prepare_digit(image, name=path)
+    except (OSError, Image.DecompressionBombError):  # not an image, cut short, too large...
         raise UserError(f"{path} is not an image that Pillow can read; give a PNG or JPEG file "
                         "of one digit") from None
-    if image.mode.startswith("I"):  # 16-bit grey, as scanners save it: 0-65535, made 0-255
-        image = Image.fromarray((np.asarray(image) / 257).clip(0, 255).round().astype(np.uint8))
-    try:
-        return prepare_digit(image, name=path)
-    except ValueError as error:  # no ink to read
+    except ValueError as error:  # no ink to read (or a value that Pillow refused)
         raise UserError(str(error)) from None
 
 
@@ -687,11 +687,9 @@ def predict_files(paths, output_dir, device):
 def checked(kind, valid, words):
     """An argparse type: the text as a number of this kind, if valid(number) says so."""
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):  # text that is no number of this kind at all
             if valid(kind(text)):  # every <, <= or == with nan is false: nan is never valid
                 return kind(text)
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"must be {words}, not {text!r}")
     return parse
 
