@@ -111,19 +111,19 @@ from PIL import ImageDraw
 photo = Image.new("RGB", (300, 220), (225, 220, 210))
 ImageDraw.Draw(photo).line([(40, 30), (130, 30), (75, 180)], fill=(30, 30, 40), width=14)
 ImageDraw.Draw(photo).rectangle([280, 200, 285, 205], fill=(30, 30, 40))  # the speck
-titles, resized = ["the photo"], photo.resize((28, 28))
+titles, resized, prepared = ["the photo"], photo.resize((28, 28)), prepare_digit(photo)
 for name, digit in (("resized", torch.tensor(np.asarray(resized.convert("L")) / 255)),
-                    ("prepared", prepare_digit(photo))):
+                    ("prepared", prepared)):
     probabilities = predict(original_model, digit[None].float(), mean, std)[0]
     titles.append(f"{name}: {probabilities.argmax()} ({probabilities.max():.0%})")
-plot_grid([photo, resized, prepare_digit(photo)], titles, "What the network reads", columns=3);
+plot_grid([photo, resized, prepared], titles, "What the network reads", columns=3);
 """,
 }
 
 
-def markdown(comments, title=None):
+def markdown(comments):
     """Comment lines as Markdown: "# " goes, and lines indented further become a code block."""
-    lines, block = [f"## {title}", ""] if title else [], []
+    lines, block = [], []
     for line in comments + [""]:
         text = line[2:] if line.startswith("# ") else line.lstrip("#")
         if text.startswith("  "):  # a printed sample, or example code
